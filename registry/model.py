@@ -1,0 +1,199 @@
+"""The assembled model: a family's backbone plus a task head, with the reference's forward conventions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from registry.errors import CapabilityError, InputError
+from registry.interfaces import AttentionBackend, Family, HeadInputs, HeadModule
+from registry.outputs import ModelOutput
+from registry.spec import ModelSpec
+
+# the output record's name per head, as the reference calls them
+_OUTPUT_NAMES = {
+    "base": "BaseModelOutput",
+    "causal-lm": "CausalLMOutput",
+    "sequence-classification": "SequenceClassifierOutput",
+    "token-classification": "TokenClassifierOutput",
+    "question-answering": "QuestionAnsweringModelOutput",
+}
+_LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions", "next_sentence_label")
+
+
+class AssembledModel(nn.Module):
+    """A model built from a spec: ``model.spec`` says what it is, ``model.manifest`` what was chosen
+    and why. Call it as the reference model of its family and head.
+
+    Example:
+        >>> model = registry.build("bloom-560m", n_layer=2, device="meta")
+        >>> model.manifest["components"]["attention"]["chosen"]
+        'sdpa'
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: ModelSpec,
+        family: Family,
+        backbone: nn.Module,
+        head: HeadModule,
+        attention: AttentionBackend,
+        label_names: tuple[str, ...],
+        manifest: dict[str, Any],
+    ):
+        super().__init__()
+        self.spec = spec
+        self.family = family
+        self.manifest = manifest
+        self.label_names = label_names
+        self.attention_backend = attention
+        self.base_prefix = family.base_prefix
+        self.add_module(family.base_prefix, backbone)
+        self.head = head
+        self.tokenizer: Any = None
+
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self, self.base_prefix)
+
+    @property
+    def config(self) -> Any:
+        """The family's hyperparameters (``model.config.hidden_size``, ...)."""
+        return self.spec.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        past_key_values: Any = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        use_cache: bool | None = None,
+        labels: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+        next_sentence_label: Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput | tuple[Any, ...]:
+        """Run the model. Arguments and output fields are the reference's for this family and head.
+
+        Raises:
+            InputError: token ids outside the vocabulary, shapes that disagree, or an argument this
+                family or head does not take.
+            CapabilityError: attention weights asked of a backend that cannot return them.
+        """
+        given = {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+            "encoder_hidden_states": encoder_hidden_states,
+            "encoder_attention_mask": encoder_attention_mask,
+        }
+        accepted = self.family.backbone_inputs  # type: ignore[attr-defined]
+        extra = [k for k, v in given.items() if v is not None and k not in accepted]
+        if extra:
+            raise InputError(
+                f"family '{self.family.name}' does not take {', '.join(extra)}; it takes {', '.join(sorted(accepted))}"
+            )
+        label_values = {
+            "labels": labels,
+            "start_positions": start_positions,
+            "end_positions": end_positions,
+            "next_sentence_label": next_sentence_label,
+        }
+        wrong = [k for k, v in label_values.items() if v is not None and k not in self.label_names]
+        if wrong:
+            head = self.manifest["components"]["head"]["chosen"]
+            takes = ", ".join(self.label_names) or "no labels"
+            raise InputError(f"head '{head}' does not take {', '.join(wrong)}; it takes {takes}")
+        if output_attentions and not self.attention_backend.capabilities.attention_weights:
+            raise CapabilityError(
+                f"attention '{self.attention_backend.name}' cannot return attention weights; "
+                "build with attention='eager' to get them"
+            )
+        self.family.check_inputs(self.config, input_ids)
+        if use_cache is None:
+            use_cache = bool(getattr(self.config, "use_cache", False)) and self.family.capabilities.causal
+        features = self.backbone(
+            **{k: v for k, v in given.items() if v is not None},
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        inputs = HeadInputs(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels={k: v for k, v in label_values.items() if v is not None},
+            logits_to_keep=logits_to_keep,
+        )
+        fields = self.head(features, inputs)
+        head_name = self.manifest["components"]["head"]["chosen"]
+        if not use_cache and "past_key_values" in fields and past_key_values is None:
+            fields["past_key_values"] = None
+        out = ModelOutput(_OUTPUT_NAMES.get(head_name, "ModelOutput"), fields)
+        return out if return_dict else out.to_tuple()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config.json and model.safetensors in the reference's layout."""
+        from registry.checkpoints import save_pretrained
+
+        save_pretrained(self, path)
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Prompt + up to ``max_new_tokens`` new tokens (LongTensor). See :func:`registry.generate.generate`."""
+        from registry.generate import generate
+
+        return generate(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+        )
+
+    def extra_repr(self) -> str:
+        chosen = {slot: c["chosen"] for slot, c in self.manifest["components"].items()}
+        return f"family={self.family.name}, " + ", ".join(f"{k}={v}" for k, v in chosen.items())
