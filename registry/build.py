@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from registry.discovery import default_catalog
-from registry.errors import InvalidSpecError, UnknownOverrideError, UnknownPresetError
+from registry.errors import InvalidSpecError, PluginLoadError, UnknownOverrideError, UnknownPresetError
 from registry.hooks import manager
 from registry.interfaces import AttentionBackend, Family, HeadPlugin, Parts, PositionPlugin
 from registry.model import AssembledModel
@@ -34,7 +34,10 @@ def preset_table() -> dict[str, dict[str, Any]]:
     catalog = default_catalog()
     table: dict[str, dict[str, Any]] = {}
     for name in catalog.names("family"):
-        family = catalog.get("family", name)
+        try:
+            family = catalog.get("family", name)
+        except PluginLoadError:
+            continue  # a broken family offers no presets; catalog() shows it with its error
         assert isinstance(family, Family)
         for preset, data in family.presets().items():
             table[preset] = {**data, "name": preset}

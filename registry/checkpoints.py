@@ -97,7 +97,7 @@ def config_from_spec(spec: ModelSpec, family: Family) -> dict[str, Any]:
 
 def reference_key(model: Any, key: str) -> str:
     """Our state-dict key -> the reference's (head modules sit at the top level there)."""
-    return key.removeprefix("head.")
+    return model.family.reference_key(key.removeprefix("head."))
 
 
 def _candidates(model: Any, key: str, renames: list[tuple[str, str]]) -> list[str]:

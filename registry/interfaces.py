@@ -506,6 +506,8 @@ class HeadModule(nn.Module):
 
     output_fields: ClassVar[tuple[str, ...]]
     """Names of the fields it returns, in the reference's order (loss first)."""
+    output_name: ClassVar[str] = "ModelOutput"
+    """The reference's name of its output record (CausalLMOutput, ...)."""
 
     def forward(self, features: BackboneOutput, inputs: HeadInputs) -> dict[str, Tensor | None]:
         raise NotImplementedError
@@ -584,6 +586,12 @@ class Family(Component):
     @abc.abstractmethod
     def config_to_reference(self, config: BaseModel) -> dict[str, Any]:
         """This family's config -> the reference's config.json fields."""
+
+    def reference_key(self, key: str) -> str:
+        """Our state-dict key (head keys without ``head.``) -> the reference's key. Identity by default:
+        families name their modules as the reference does; override where a plugin's parameters
+        live elsewhere in the reference (e.g. per-layer relative position tables)."""
+        return key
 
     def legacy_renames(self) -> Sequence[tuple[str, str]]:
         """(old suffix, new suffix) pairs for checkpoint keys of older layouts."""

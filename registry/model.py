@@ -13,14 +13,6 @@ from registry.interfaces import AttentionBackend, Family, HeadInputs, HeadModule
 from registry.outputs import ModelOutput
 from registry.spec import ModelSpec
 
-# the output record's name per head, as the reference calls them
-_OUTPUT_NAMES = {
-    "base": "BaseModelOutput",
-    "causal-lm": "CausalLMOutput",
-    "sequence-classification": "SequenceClassifierOutput",
-    "token-classification": "TokenClassifierOutput",
-    "question-answering": "QuestionAnsweringModelOutput",
-}
 _LABEL_ARGUMENTS = ("labels", "start_positions", "end_positions", "next_sentence_label")
 
 
@@ -153,10 +145,9 @@ class AssembledModel(nn.Module):
             logits_to_keep=logits_to_keep,
         )
         fields = self.head(features, inputs)
-        head_name = self.manifest["components"]["head"]["chosen"]
         if not use_cache and "past_key_values" in fields and past_key_values is None:
             fields["past_key_values"] = None
-        out = ModelOutput(_OUTPUT_NAMES.get(head_name, "ModelOutput"), fields)
+        out = ModelOutput(self.head.output_name, fields)
         return out if return_dict else out.to_tuple()
 
     def save_pretrained(self, path: str | Path) -> None:

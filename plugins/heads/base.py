@@ -10,6 +10,7 @@ from registry.interfaces import BackboneOutput, HeadCapabilities, HeadContext, H
 
 
 class BaseHead(HeadModule):
+    output_name: ClassVar[str] = "BaseModelOutput"
     output_fields: ClassVar[tuple[str, ...]] = (
         "last_hidden_state",
         "pooler_output",

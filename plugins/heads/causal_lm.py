@@ -19,6 +19,7 @@ def shifted_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) ->
 
 
 class CausalLMHead(HeadModule):
+    output_name: ClassVar[str] = "CausalLMOutput"
     output_fields: ClassVar[tuple[str, ...]] = (
         "loss",
         "logits",

@@ -11,6 +11,7 @@ from registry.interfaces import BackboneOutput, HeadCapabilities, HeadContext, H
 
 
 class QuestionAnsweringHead(HeadModule):
+    output_name: ClassVar[str] = "QuestionAnsweringModelOutput"
     output_fields: ClassVar[tuple[str, ...]] = ("loss", "start_logits", "end_logits", "hidden_states", "attentions")
 
     def __init__(self, context: HeadContext):

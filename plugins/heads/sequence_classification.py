@@ -38,6 +38,7 @@ def classification_loss(logits: Tensor, labels: Tensor, num_labels: int, problem
 
 
 class SequenceClassificationHead(HeadModule):
+    output_name: ClassVar[str] = "SequenceClassifierOutput"
     output_fields: ClassVar[tuple[str, ...]] = ("loss", "logits", "past_key_values", "hidden_states", "attentions")
 
     def __init__(self, context: HeadContext):

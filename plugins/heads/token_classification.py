@@ -11,6 +11,7 @@ from registry.interfaces import BackboneOutput, HeadCapabilities, HeadContext, H
 
 
 class TokenClassificationHead(HeadModule):
+    output_name: ClassVar[str] = "TokenClassifierOutput"
     output_fields: ClassVar[tuple[str, ...]] = ("loss", "logits", "hidden_states", "attentions")
 
     def __init__(self, context: HeadContext):
