@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -73,12 +74,14 @@ def spec_data_from_config(reference: Mapping[str, Any]) -> dict[str, Any]:
             break
     else:
         data["components"] = {"head": "base"}
+    data["components"].update(family.components_from_reference(reference))
     return data
 
 
 def config_from_spec(spec: ModelSpec, family: Family) -> dict[str, Any]:
     head = spec.components.head
     out = family.config_to_reference(spec.config)
+    out.update(family.components_to_reference(spec.components))
     if head in family.architectures:
         out["architectures"] = [family.architectures[head]]
     task: TaskSpec = spec.task
@@ -198,7 +201,11 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
                     plan[key] = name
                     break
         missing = [k for k in expected if k not in plan]
-        missing_backbone = [reference_key(model, k) for k in missing if not k.startswith("head.")]
+        prefix = model.base_prefix + "."
+        optional = _matcher(family.optional_reference_keys(), prefix)
+        missing_backbone = [
+            reference_key(model, k) for k in missing if not k.startswith("head.") and not optional(reference_key(model, k))
+        ]
         if missing_backbone:
             raise CheckpointError(
                 f"checkpoint '{folder}' lacks {len(missing_backbone)} tensor(s) the model needs: "
@@ -217,9 +224,13 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
         unused = sorted(n for n in tensors.where if n not in used)
         report["tied"] = [n for n in unused if n in tied]
         unused = [n for n in unused if n not in tied]
-        prefix = model.base_prefix + "."
         backbone_names = {reference_key(model, k).removeprefix(prefix) for k in expected if not k.startswith("head.")}
-        stray = [n for n in unused if n.removeprefix(prefix) in backbone_names or n.startswith(prefix)]
+        ignorable = _matcher(family.unused_reference_keys(), prefix)
+        stray = [
+            n
+            for n in unused
+            if (n.removeprefix(prefix) in backbone_names or n.startswith(prefix)) and not ignorable(n)
+        ]
         if stray and strict:
             raise CheckpointError(f"checkpoint '{folder}' has tensors the model does not: {', '.join(stray[:20])}")
         report["unused"] = unused
@@ -234,7 +245,7 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
             _set_tensor(model, key, torch.empty(expected[key].shape, dtype=dtype, device=device))
         initialize(model, family, model.spec.config, only=modules)
         report["initialized"] = [reference_key(model, k) for k in missing]
-        log.warning("initialised head weights not in the checkpoint: %s", ", ".join(report["initialized"]))
+        log.warning("initialised weights not in the checkpoint: %s", ", ".join(report["initialized"]))
     if report["unused"]:
         log.info("checkpoint tensors not used by this head: %s", ", ".join(report["unused"]))
     leftover = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
@@ -248,8 +259,14 @@ def _tied_names(model: Any) -> set[str]:
     names = set()
     for name, module in model.head.named_modules():
         if hasattr(module, "_embedding"):
-            names.add(f"{name}.weight")
+            names.add(model.family.reference_key(f"{name}.weight"))
     return names
+
+
+def _matcher(patterns: Any, prefix: str) -> Any:
+    """A predicate: does a reference key (with or without ``prefix``) match one of ``patterns``?"""
+    compiled = [re.compile(p) for p in patterns]
+    return lambda name: any(c.search(name.removeprefix(prefix)) for c in compiled)
 
 
 # -- public entry points --------------------------------------------------------------------------

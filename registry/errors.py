@@ -96,3 +96,7 @@ class InputError(RegistryError, ValueError):
 
 class CapabilityError(RegistryError, ValueError):
     """A forward request that the chosen component declared it cannot serve."""
+
+
+class TokenizerError(RegistryError, ValueError):
+    """A tokenizer file that is missing, malformed or of another algorithm, or a call it cannot serve."""

@@ -111,11 +111,14 @@ class HeadCapabilities:
 
     Attributes:
         needs: parts the family must offer (see :attr:`FamilyCapabilities.head_parts`).
+        wants: parts it uses where the family offers them, and does without elsewhere (the base
+            head returns the pooled output of a family that has a pooler).
         label_names: forward keyword arguments that carry its labels.
         decoder_only: the head predicts the next token, so it needs a causal family.
     """
 
     needs: frozenset[str] = frozenset()
+    wants: frozenset[str] = frozenset()
     label_names: tuple[str, ...] = ()
     decoder_only: bool = False
     priority: int = 0
@@ -289,8 +292,10 @@ class Positions:
     """Token positions for one forward.
 
     Attributes:
-        query: (batch, q_len) positions of the new tokens.
-        key: (batch, k_len) positions of every key the new tokens attend to (cache + new).
+        query: (batch, q_len) positions of the new tokens; the batch dimension may be 1 when every
+            row has the same positions (an encoding then need not repeat its work per row).
+        key: (batch, k_len) positions of every key the new tokens attend to (cache + new); batch
+            may be 1 likewise.
     """
 
     query: Tensor
@@ -412,6 +417,51 @@ class KVCache(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot reorder its batch")
 
 
+class EncoderDecoderCache(KVCache):
+    """A decoder's self-attention cache plus the cross-attention keys and values of each layer.
+
+    Cross-attention keys and values depend only on the encoder output, so they are computed on the
+    first forward and reused by every later step. Self-attention calls go to the wrapped cache (from
+    the cache plugin the spec names); the cross-attention entries are this object's own.
+    """
+
+    def __init__(self, self_attention: KVCache, num_layers: int):
+        self.self_attention = self_attention
+        self.cross_attention: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+
+    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        return self.self_attention.update(layer, key, value)
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.self_attention.get_seq_length(layer)
+
+    def key_length(self, new_tokens: int) -> int:
+        return self.self_attention.key_length(new_tokens)
+
+    @property
+    def max_length(self) -> int | None:
+        return self.self_attention.max_length
+
+    def cross(self, layer: int, compute: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """The cross-attention (key, value) of ``layer``, each (B, H, S_enc, D): ``compute()`` on the
+        first call, the stored pair afterwards."""
+        entry = self.cross_attention[layer]
+        if entry is None:
+            entry = self.cross_attention[layer] = compute()
+        return entry
+
+    def reorder(self, index: Tensor) -> None:
+        self.self_attention.reorder(index)
+        self.cross_attention = [
+            None if e is None else (e[0].index_select(0, index), e[1].index_select(0, index))
+            for e in self.cross_attention
+        ]
+
+    def __repr__(self) -> str:
+        cached = sum(e is not None for e in self.cross_attention)
+        return f"EncoderDecoderCache({self.self_attention!r}, cross-attention layers cached={cached})"
+
+
 class CachePlugin(Component):
     """Makes a :class:`KVCache` for one generation."""
 
@@ -487,6 +537,9 @@ class HeadInputs:
     attention_mask: Tensor | None
     labels: Mapping[str, Tensor]
     logits_to_keep: int = 0
+    input_shape: tuple[int, ...] = ()
+    """Leading shape of the caller's input_ids / inputs_embeds, before :meth:`HeadModule.prepare_inputs`
+    (``input_ids`` and ``attention_mask`` above are what the backbone saw)."""
 
 
 @dataclass
@@ -508,6 +561,12 @@ class HeadModule(nn.Module):
     """Names of the fields it returns, in the reference's order (loss first)."""
     output_name: ClassVar[str] = "ModelOutput"
     """The reference's name of its output record (CausalLMOutput, ...)."""
+
+    def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The backbone's keyword inputs (those given) as this head needs them fed; identity by default.
+        A head whose inputs carry an extra dimension (multiple choice: (batch, choices, tokens))
+        folds it into the batch here."""
+        return inputs
 
     def forward(self, features: BackboneOutput, inputs: HeadInputs) -> dict[str, Tensor | None]:
         raise NotImplementedError
@@ -596,6 +655,34 @@ class Family(Component):
     def legacy_renames(self) -> Sequence[tuple[str, str]]:
         """(old suffix, new suffix) pairs for checkpoint keys of older layouts."""
         return ()
+
+    def unused_reference_keys(self) -> Sequence[str]:
+        """Regular expressions (``re.search`` on reference keys without the base prefix) of checkpoint
+        tensors the reference keeps even where a model does not use them (a pooler under a token-level
+        head, a position table the chosen encoding does not read, saved index buffers). They are
+        reported as unused, never an error."""
+        return ()
+
+    def optional_reference_keys(self) -> Sequence[str]:
+        """Regular expressions, as above, of backbone tensors a checkpoint may lack because the
+        reference builds them only for some heads (a pooler). A missing one is initialised and
+        reported, as missing head weights are."""
+        return ()
+
+    def capabilities_for(self, config: BaseModel) -> FamilyCapabilities:
+        """The capabilities of a model with this config; ``capabilities`` by default. Override where
+        the config changes them (an encoder family whose config can make it a causal decoder)."""
+        return self.capabilities
+
+    def components_from_reference(self, reference: Mapping[str, Any]) -> dict[str, str]:
+        """Slot -> component implied by a reference config.json (e.g. its position encoding type);
+        none by default. The head comes from ``architectures`` and is not returned here."""
+        return {}
+
+    def components_to_reference(self, components: Any) -> dict[str, Any]:
+        """config.json fields that record the spec's components (the inverse of
+        :meth:`components_from_reference`); none by default."""
+        return {}
 
     def check_inputs(self, config: BaseModel, input_ids: Tensor | None) -> None:
         """Raise InputError for inputs outside what the config allows."""

@@ -129,11 +129,20 @@ class AssembledModel(nn.Module):
                 f"attention '{self.attention_backend.name}' cannot return attention weights; "
                 "build with attention='eager' to get them"
             )
+        input_shape: tuple[int, ...] = ()
+        if input_ids is not None:
+            input_shape = tuple(input_ids.shape)
+        elif inputs_embeds is not None:
+            input_shape = tuple(inputs_embeds.shape[:-1])
+        # a head may fold extra input dimensions into the batch (multiple choice)
+        fed = self.head.prepare_inputs({k: v for k, v in given.items() if v is not None})
+        input_ids, attention_mask = fed.get("input_ids"), fed.get("attention_mask")
         self.family.check_inputs(self.config, input_ids)
         if use_cache is None:
-            use_cache = bool(getattr(self.config, "use_cache", False)) and self.family.capabilities.causal
+            causal = self.family.capabilities_for(self.config).causal
+            use_cache = bool(getattr(self.config, "use_cache", False)) and causal
         features = self.backbone(
-            **{k: v for k, v in given.items() if v is not None},
+            **fed,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -143,6 +152,7 @@ class AssembledModel(nn.Module):
             attention_mask=attention_mask,
             labels={k: v for k, v in label_values.items() if v is not None},
             logits_to_keep=logits_to_keep,
+            input_shape=input_shape,
         )
         fields = self.head(features, inputs)
         if not use_cache and "past_key_values" in fields and past_key_values is None:

@@ -160,6 +160,9 @@ def select(spec: ModelSpec, catalog: Catalog, *, device: str, strict: bool = Tru
     family = catalog.get("family", spec.family)
     assert isinstance(family, Family)
     build = family.build_context(spec.config)
+    family_capabilities = family.capabilities_for(spec.config)
+    # an encoder has no cached decoding: its cache slot may stay empty
+    optional = OPTIONAL if family_capabilities.causal else OPTIONAL | {"cache"}
     base = dict(
         family=family.name,
         config=spec.config,
@@ -167,7 +170,7 @@ def select(spec: ModelSpec, catalog: Catalog, *, device: str, strict: bool = Tru
         dtype=spec.dtype,
         num_heads=build.num_heads,
         head_dim=build.head_dim,
-        family_capabilities=family.capabilities,
+        family_capabilities=family_capabilities,
     )
     requested = spec.components.model_dump()
     chosen: dict[str, Component] = {}
@@ -193,7 +196,7 @@ def select(spec: ModelSpec, catalog: Catalog, *, device: str, strict: bool = Tru
                 continue
             why = refusals(component, slot, ctx)
             candidates.append(Candidate(name, not why, why, record.distribution, record.version))
-        choice = _choose(slot, requested[slot], family, candidates, catalog, strict)
+        choice = _choose(slot, requested[slot], family, candidates, catalog, strict, optional)
         if choice.chosen is not None:
             chosen[slot] = catalog.get(slot, choice.chosen)
             rec = catalog.record(slot, choice.chosen)
@@ -213,7 +216,13 @@ def _load(catalog: Catalog, slot: str, name: str) -> Component:
 
 
 def _choose(
-    slot: str, requested: str, family: Family, candidates: list[Candidate], catalog: Catalog, strict: bool
+    slot: str,
+    requested: str,
+    family: Family,
+    candidates: list[Candidate],
+    catalog: Catalog,
+    strict: bool,
+    optional: frozenset[str] = OPTIONAL,
 ) -> SlotChoice:
     by_name = {c.name: c for c in candidates}
     if requested != AUTO:
@@ -233,7 +242,7 @@ def _choose(
             state = "refused" if preferred in by_name else "not installed"
             why += f" (family default '{preferred}' {state})"
         return SlotChoice(slot, AUTO, best.name, why, candidates)
-    if slot in OPTIONAL:
+    if slot in optional:
         return SlotChoice(slot, AUTO, None, "auto: no candidate accepted; the slot stays empty", candidates)
     if strict:
         detail = "; ".join(f"{c.name}: {', '.join(c.reasons)}" for c in candidates) or "none installed"

@@ -163,16 +163,25 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 
 def validate_spec(data: Mapping[str, Any], *, source: str = "spec") -> ModelSpec:
     """Validate plain data as a ModelSpec, turning pydantic's errors into one InvalidSpecError."""
+    data = dict(data)
+    if isinstance(data.get("family"), str) and not isinstance(data.get("config"), FamilyConfig):
+        from registry.discovery import default_catalog
+
+        family = default_catalog().get("family", data["family"])
+        try:
+            data["config"] = family.config_class.model_validate(data.get("config") or {})  # type: ignore[attr-defined]
+        except ValidationError as error:
+            raise InvalidSpecError(_describe(error, source, prefix="config.")) from None
     try:
-        return ModelSpec.model_validate(dict(data))
+        return ModelSpec.model_validate(data)
     except ValidationError as error:
         raise InvalidSpecError(_describe(error, source)) from None
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _describe(error: ValidationError, source: str, prefix: str = "") -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "spec"
+        where = (prefix + ".".join(str(p) for p in item["loc"])).rstrip(".") or "spec"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field"
