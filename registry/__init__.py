@@ -1,9 +1,9 @@
 """registry: transformers assembled from plugins.
 
-    >>> import registry
-    >>> registry.presets()
-    >>> model = registry.build("bloom-560m", attention="sdpa", dtype="bfloat16", device="meta")
-    >>> model = registry.from_pretrained("path/to/checkpoint", attention="eager")
+>>> import registry
+>>> registry.presets()
+>>> model = registry.build("bloom-560m", attention="sdpa", dtype="bfloat16", device="meta")
+>>> model = registry.from_pretrained("path/to/checkpoint", attention="eager")
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ def _base_data(model: str | os.PathLike[str] | ModelSpec | Mapping[str, Any]) ->
     raise UnknownPresetError(text, table)
 
 
-def resolve_spec(model: str | os.PathLike[str] | ModelSpec | Mapping[str, Any], overrides: Mapping[str, Any]) -> ModelSpec:
+def resolve_spec(
+    model: str | os.PathLike[str] | ModelSpec | Mapping[str, Any], overrides: Mapping[str, Any]
+) -> ModelSpec:
     """A validated spec from a preset name, spec file, dict or ModelSpec, with keyword overrides applied."""
     data = _base_data(model)
     if "family" not in data:
@@ -111,7 +113,9 @@ def assemble(spec: ModelSpec, *, device: str, init: bool = True) -> AssembledMod
     selection = select(spec, catalog, device=device_type)
     family = selection.family
     resolved = spec.model_copy(
-        update={"components": spec.components.model_copy(update={s: selection.choices[s].chosen or "auto" for s in SLOTS})}
+        update={
+            "components": spec.components.model_copy(update={s: selection.choices[s].chosen or "auto" for s in SLOTS})
+        }
     )
     parts = Parts(
         attention=_as(selection, "attention", AttentionBackend),

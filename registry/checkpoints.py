@@ -133,7 +133,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if single.is_file():
         return [single]
     others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-    hint = f" (found {', '.join(others)}: pickled weights are not loaded; convert them to safetensors)" if others else ""
+    hint = (
+        f" (found {', '.join(others)}: pickled weights are not loaded; convert them to safetensors)" if others else ""
+    )
     raise CheckpointError(f"'{folder}' has neither {SINGLE} nor {INDEX}{hint}")
 
 
@@ -150,7 +152,9 @@ class _Tensors:
                 handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
                 names = list(handle.keys())
             except Exception as error:  # safetensors raises its own error type for corrupt headers
-                raise CheckpointError(f"cannot read '{path}': {error} (truncated or not a safetensors file?)") from error
+                raise CheckpointError(
+                    f"cannot read '{path}': {error} (truncated or not a safetensors file?)"
+                ) from error
             for name in names:
                 self.where[name] = handle
                 self.file_of[name] = path
@@ -204,7 +208,9 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
         prefix = model.base_prefix + "."
         optional = _matcher(family.optional_reference_keys(), prefix)
         missing_backbone = [
-            reference_key(model, k) for k in missing if not k.startswith("head.") and not optional(reference_key(model, k))
+            reference_key(model, k)
+            for k in missing
+            if not k.startswith("head.") and not optional(reference_key(model, k))
         ]
         if missing_backbone:
             raise CheckpointError(
@@ -227,9 +233,7 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
         backbone_names = {reference_key(model, k).removeprefix(prefix) for k in expected if not k.startswith("head.")}
         ignorable = _matcher(family.unused_reference_keys(), prefix)
         stray = [
-            n
-            for n in unused
-            if (n.removeprefix(prefix) in backbone_names or n.startswith(prefix)) and not ignorable(n)
+            n for n in unused if (n.removeprefix(prefix) in backbone_names or n.startswith(prefix)) and not ignorable(n)
         ]
         if stray and strict:
             raise CheckpointError(f"checkpoint '{folder}' has tensors the model does not: {', '.join(stray[:20])}")

@@ -14,6 +14,7 @@ Autoload and allow/deny work as in pytest:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -191,10 +192,8 @@ class Catalog:
         by_kind: dict[str, list[ComponentRecord]] = {kind: [] for kind in KINDS}
         for (kind, name), record in sorted(self.records.items()):
             if load and record.status == "ok" and not record.loaded:
-                try:
+                with contextlib.suppress(PluginLoadError):  # recorded as broken, with its error
                     self.get(kind, name)
-                except PluginLoadError:
-                    pass
             by_kind[kind].append(record)
         return by_kind
 

@@ -27,9 +27,7 @@ class UnknownComponentError(RegistryError, KeyError):
     def __init__(self, kind: str, name: str, available: Iterable[str]):
         available = list(available)
         self.kind, self.name, self.available = kind, name, available
-        super().__init__(
-            f"{kind} '{name}' is unknown; available: {_listing(available)}{did_you_mean(name, available)}"
-        )
+        super().__init__(f"{kind} '{name}' is unknown; available: {_listing(available)}{did_you_mean(name, available)}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -56,9 +54,7 @@ class UnknownOverrideError(RegistryError, TypeError):
     def __init__(self, key: str, allowed: Iterable[str]):
         allowed = list(allowed)
         self.key, self.allowed = key, allowed
-        super().__init__(
-            f"unknown override '{key}'; allowed keys: {_listing(allowed)}{did_you_mean(key, allowed)}"
-        )
+        super().__init__(f"unknown override '{key}'; allowed keys: {_listing(allowed)}{did_you_mean(key, allowed)}")
 
 
 class InvalidSpecError(RegistryError, ValueError):

@@ -123,7 +123,11 @@ def refusals(component: Component, slot: str, ctx: SelectionContext) -> list[str
         if not ctx.family_capabilities.causal:
             reasons.append(f"family '{ctx.family}' is an encoder (no cached decoding)")
         attention = chosen.get("attention")
-        if caps_c.graph_capture and isinstance(attention, AttentionBackend) and not attention.capabilities.graph_capture:
+        if (
+            caps_c.graph_capture
+            and isinstance(attention, AttentionBackend)
+            and not attention.capabilities.graph_capture
+        ):
             reasons.append(f"attention '{attention.name}' cannot be captured in a CUDA graph")
     elif isinstance(component, HeadPlugin):
         caps_h = component.capabilities

@@ -38,9 +38,9 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_labels: int = Field(2, ge=1)
+    num_labels: int = Field(default=2, ge=1)
     problem_type: Literal["regression", "single_label_classification", "multi_label_classification"] | None = None
-    classifier_dropout: float | None = Field(None, ge=0.0, le=1.0)
+    classifier_dropout: float | None = Field(default=None, ge=0.0, le=1.0)
     id2label: dict[int, str] | None = None
 
     @model_validator(mode="after")

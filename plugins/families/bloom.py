@@ -240,7 +240,7 @@ class BloomModel(nn.Module):
                     f"past + new tokens = {past} + {T} = {past + T})"
                 )
             mask_long = attention_mask.to(device=device, dtype=torch.long)
-            if S > past + T:  # a fixed-size cache: slots not yet written are padding
+            if past + T < S:  # a fixed-size cache: slots not yet written are padding
                 mask_long = F.pad(mask_long, (0, S - past - T))
             # ALiBi positions count real tokens only, so left padding does not shift them
             key_pos = (mask_long.cumsum(-1) - 1) * mask_long

@@ -26,7 +26,8 @@ class BaseHead(HeadModule):
 
 class BasePlugin(HeadPlugin):
     name = "base"
-    capabilities = HeadCapabilities()
+    # the reference's base model has the pooler where the family has one (BERT)
+    capabilities = HeadCapabilities(wants=frozenset({"pooler"}))
 
     def create(self, context: HeadContext) -> BaseHead:
         return BaseHead()

@@ -26,7 +26,12 @@ class TokenClassificationHead(HeadModule):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.to(logits.device).view(-1))
-        return {"loss": loss, "logits": logits, "hidden_states": features.hidden_states, "attentions": features.attentions}
+        return {
+            "loss": loss,
+            "logits": logits,
+            "hidden_states": features.hidden_states,
+            "attentions": features.attentions,
+        }
 
 
 class TokenClassificationPlugin(HeadPlugin):

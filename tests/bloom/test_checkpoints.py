@@ -23,7 +23,9 @@ def test_saved_here_loads_in_the_reference(reference_checkpoint, tmp_path):
     back = transformers.BloomForCausalLM.from_pretrained(tmp_path).eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
-        assert torch.allclose(back(input_ids=ids, attention_mask=mask).logits, ours(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+        assert torch.allclose(
+            back(input_ids=ids, attention_mask=mask).logits, ours(input_ids=ids, attention_mask=mask).logits, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("head", ["sequence-classification", "token-classification", "question-answering", "base"])
@@ -57,7 +59,9 @@ def test_checkpoint_without_the_base_prefix(reference_checkpoint, tmp_path):
     ours = registry.from_pretrained(tmp_path, attention="eager")
     ids, mask = left_padded_batch()
     with torch.no_grad():
-        assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+        assert torch.allclose(
+            ours(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits, atol=1e-5
+        )
 
 
 def test_sharded_checkpoint_with_index(reference_checkpoint, tmp_path):
@@ -108,7 +112,9 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     command = [sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "big"), str(tmp_path / "tiny")]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     growth = int(result.stdout.strip().splitlines()[-1])
-    assert 0.5 * weight_bytes < growth < 1.5 * weight_bytes, f"loading grew memory by {growth / weight_bytes:.2f}x the weights"
+    assert 0.5 * weight_bytes < growth < 1.5 * weight_bytes, (
+        f"loading grew memory by {growth / weight_bytes:.2f}x the weights"
+    )
 
 
 def test_head_from_base_checkpoint_is_initialised_and_reported(reference_checkpoint):
@@ -131,7 +137,10 @@ def test_missing_tensors_are_listed(reference_checkpoint, tmp_path):
     del tensors["transformer.h.1.mlp.dense_4h_to_h.weight"], tensors["transformer.ln_f.bias"]
     save_file(tensors, tmp_path / "model.safetensors")
     shutil.copy(folder / "config.json", tmp_path)
-    with pytest.raises(registry.CheckpointError, match=r"transformer\.h\.1\.mlp\.dense_4h_to_h\.weight.*ln_f\.bias|ln_f\.bias.*dense_4h_to_h"):
+    with pytest.raises(
+        registry.CheckpointError,
+        match=r"transformer\.h\.1\.mlp\.dense_4h_to_h\.weight.*ln_f\.bias|ln_f\.bias.*dense_4h_to_h",
+    ):
         registry.from_pretrained(tmp_path)
 
 
@@ -141,7 +150,10 @@ def test_misshaped_tensors_are_listed(reference_checkpoint, tmp_path):
     tensors["transformer.h.0.self_attention.dense.weight"] = torch.zeros(48, 40)
     save_file(tensors, tmp_path / "model.safetensors")
     shutil.copy(folder / "config.json", tmp_path)
-    with pytest.raises(registry.CheckpointError, match=r"h\.0\.self_attention\.dense\.weight: checkpoint \[48, 40\] vs model \[48, 48\]"):
+    with pytest.raises(
+        registry.CheckpointError,
+        match=r"h\.0\.self_attention\.dense\.weight: checkpoint \[48, 40\] vs model \[48, 48\]",
+    ):
         registry.from_pretrained(tmp_path)
 
 
@@ -182,5 +194,14 @@ def test_config_maps_to_spec_and_back(reference_checkpoint, tmp_path):
     assert model.spec.task.problem_type == "regression" and model.spec.task.num_labels == 3
     model.save_pretrained(tmp_path)
     back = transformers.AutoConfig.from_pretrained(tmp_path)
-    for field in ("hidden_size", "n_layer", "n_head", "vocab_size", "layer_norm_epsilon", "pad_token_id", "problem_type", "num_labels"):
+    for field in (
+        "hidden_size",
+        "n_layer",
+        "n_head",
+        "vocab_size",
+        "layer_norm_epsilon",
+        "pad_token_id",
+        "problem_type",
+        "num_labels",
+    ):
         assert getattr(back, field) == getattr(ref.config, field), field

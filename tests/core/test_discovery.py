@@ -134,7 +134,11 @@ def test_broken_plugin_is_listed_and_isolated(site):
 
 def test_plugin_object_of_the_wrong_kind_is_broken(site):
     make_distribution(
-        site, "thirdparty-wrong", "0.1", "[registry.attention]\nwrong = thirdparty_wrong:thing\n", {"thirdparty_wrong": "thing = 42\n"}
+        site,
+        "thirdparty-wrong",
+        "0.1",
+        "[registry.attention]\nwrong = thirdparty_wrong:thing\n",
+        {"thirdparty_wrong": "thing = 42\n"},
     )
     registry.reset()
     wrong = {r["name"]: r for r in registry.catalog(load=True)["attention"]}["wrong"]

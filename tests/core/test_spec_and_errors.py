@@ -45,7 +45,9 @@ def test_resolved_spec_and_manifest_record_every_choice():
 
 
 def test_unknown_component_says_did_you_mean():
-    with pytest.raises(registry.UnknownComponentError, match=r"attention 'spda' is unknown; available: .*sdpa.*did you mean 'sdpa'"):
+    with pytest.raises(
+        registry.UnknownComponentError, match=r"attention 'spda' is unknown; available: .*sdpa.*did you mean 'sdpa'"
+    ):
         registry.build("bloom-560m", attention="spda", device="meta")
 
 
@@ -119,7 +121,10 @@ def test_explicit_choice_that_cannot_work_lists_reasons_and_explain_shows_them()
             raise AssertionError("never called")
 
     registry.register(AlibiOnly())
-    with pytest.raises(registry.IncompatibleComponentsError, match=r"attention 'alibi-only' cannot be used here: position 'needs-query-bias' needs a 'query-key' score bias"):
+    with pytest.raises(
+        registry.IncompatibleComponentsError,
+        match=r"attention 'alibi-only' cannot be used here: position 'needs-query-bias' needs a 'query-key' score bias",
+    ):
         registry.build("bloom-560m", attention="alibi-only", position="needs-query-bias", device="meta")
     report = registry.explain("bloom-560m", position="needs-query-bias")
     candidates = {c["name"]: c for c in report["slots"]["attention"]["candidates"]}
