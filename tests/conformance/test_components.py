@@ -1,0 +1,108 @@
+"""Conformance: every catalogued plugin against the eager reference path, on the same weights.
+
+Parametrised over the catalog at collection time, so an installed third-party plugin is tested the
+day it is installed (``pip install my-flash-attn && pytest tests/conformance``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import registry
+from registry.discovery import default_catalog
+
+SMALL = dict(n_layer=2, hidden_size=48, n_head=6, vocab_size=97, pad_token_id=0)
+
+
+def _usable(kind: str) -> list[str]:
+    catalog = default_catalog()
+    names = []
+    for name in catalog.names(kind):
+        try:
+            catalog.get(kind, name)
+        except registry.RegistryError:
+            continue
+        names.append(name)
+    return names
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 97, (3, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _pair(slot: str, name: str, **overrides):
+    """(candidate model, eager reference model) on the same weights, or skip if selection refuses."""
+    report = registry.explain("bloom-560m", **SMALL, **{slot: name}, **overrides)
+    choice = report["slots"][slot]
+    if choice["chosen"] != name:
+        pytest.skip(f"{slot} '{name}' does not fit a CPU fp32 BLOOM: {choice['reason']}")
+    candidate = registry.build("bloom-560m", **SMALL, **{slot: name}, **overrides)
+    reference = registry.build("bloom-560m", **SMALL, attention="eager", **overrides)
+    reference.load_state_dict(candidate.state_dict())
+    return candidate, reference
+
+
+@pytest.mark.parametrize("name", _usable("attention"))
+def test_attention_matches_eager_with_padding_and_cache(name):
+    model, reference = _pair("attention", name)
+    ids, mask = _batch()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+        out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        steps = [out.logits]
+        for t in range(5, 8):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1)[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", _usable("attention"))
+def test_attention_capabilities_are_honest(name):
+    backend = default_catalog().get("attention", name)
+    caps = backend.capabilities
+    q = torch.randn(1, 2, 3, 8)
+    from registry.interfaces import Mask
+
+    if "cpu" not in caps.devices or "float32" not in caps.dtypes:
+        pytest.skip(f"'{name}' does not run on CPU fp32")
+    out = backend(q, q, q, mask=Mask(q_len=3, k_len=3, causal=True), bias=None, scale=0.5, need_weights=caps.attention_weights)
+    assert out.output.shape == (1, 2, 3, 8)
+    assert (out.weights is not None) == caps.attention_weights
+
+
+@pytest.mark.parametrize("name", _usable("cache"))
+def test_cache_decoding_equals_the_uncached_forward(name):
+    model, _ = _pair("cache", name)
+    ids, mask = _batch()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        steps = [out.logits]
+        for t in range(4, 8):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+            steps.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", _usable("head"))
+def test_every_head_builds_and_runs_where_selection_accepts_it(name):
+    report = registry.explain("bloom-560m", **SMALL, head=name)
+    if report["slots"]["head"]["chosen"] != name:
+        pytest.skip(f"head '{name}' is refused for bloom: {report['slots']['head']['reason']}")
+    model = registry.build("bloom-560m", **SMALL, head=name)
+    ids, mask = _batch()
+    if name == "multiple-choice":  # (batch, choices, tokens), as the reference's multiple-choice models
+        ids, mask = ids[:, None].expand(3, 2, 8), mask[:, None].expand(3, 2, 8)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert len(out) > 0 and all(torch.isfinite(v).all() for v in out.values() if isinstance(v, torch.Tensor))
