@@ -15,7 +15,10 @@ PAD = 3
 CONFIGS = {
     # 6 heads: not a power of two, so ALiBi uses the interleaved extra slopes
     "h6": dict(hidden_size=48, n_layer=2, n_head=6),
-    "h8-post-ln": dict(hidden_size=64, n_layer=3, n_head=8, apply_residual_connection_post_layernorm=True),
+    # post-LN residuals, and an epsilon far from the default so that ignoring it would show
+    "h8-post-ln": dict(
+        hidden_size=64, n_layer=3, n_head=8, apply_residual_connection_post_layernorm=True, layer_norm_epsilon=1e-2
+    ),
 }
 
 HEAD_CLASSES = {

@@ -214,8 +214,15 @@ def test_return_dict_false_gives_the_reference_tuple(reference_checkpoint):
     assert max_diff(got[1], expected[1]) <= 1e-5
 
 
-def test_dropout_is_active_in_training_only():
-    model = registry.build("bloom-560m", n_layer=2, hidden_size=32, n_head=4, vocab_size=VOCAB, hidden_dropout=0.5)
+@pytest.mark.parametrize("which", ["hidden_dropout", "attention_dropout"])
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_dropout_is_active_in_training_only(which, attention):
+    model = registry.build(
+        "bloom-560m", n_layer=2, hidden_size=32, n_head=4, vocab_size=VOCAB, attention=attention, **{which: 0.5}
+    )
+    with torch.no_grad():  # sharper attention, so that dropping attention probabilities shows
+        for block in model.backbone.h:
+            block.self_attention.query_key_value.weight.mul_(20)
     ids = torch.randint(4, VOCAB, (2, 6))
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
@@ -237,3 +244,25 @@ def test_bfloat16_load_and_forward(reference_checkpoint):
     real = mask.bool()
     # bf16 has 8 bits of mantissa: agreement to a few percent of the logit scale
     assert max_diff(got[real], expected[real]) <= 0.05 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_alibi_bias_is_built_once_per_forward(monkeypatch, attention):
+    """Every layer shares one ALiBi bias; its tensor is materialised once per forward (sdpa folds it
+    into the mask once), not once per layer."""
+    from registry.interfaces import AlibiBias
+
+    built = []
+    original = AlibiBias.materialize
+
+    def counting(self, q, k):
+        if (q.dtype, q.device) not in self._memo:
+            built.append(id(self))
+        return original(self, q, k)
+
+    monkeypatch.setattr(AlibiBias, "materialize", counting)
+    model = registry.build("bloom-560m", n_layer=4, hidden_size=32, n_head=4, vocab_size=VOCAB, attention=attention)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert len(built) == 1
