@@ -108,7 +108,13 @@ def tokenizer(path: str, *, name: str = "auto") -> Any:
     names = [name] if name != "auto" else catalog_.names("tokenizer")
     reasons = []
     for candidate in names:
-        plugin = catalog_.get("tokenizer", candidate)
+        try:
+            plugin = catalog_.get("tokenizer", candidate)
+        except PluginLoadError as error:
+            if name != "auto":
+                raise
+            reasons.append(f"{candidate}: {error}")  # a broken plugin does not stop the others
+            continue
         why = plugin.can_load(path)  # type: ignore[attr-defined]
         if not why:
             return plugin.load(path)  # type: ignore[attr-defined]
