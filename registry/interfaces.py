@@ -485,9 +485,10 @@ class CachePlugin(Component):
 
 @runtime_checkable
 class TokenizerLike(Protocol):
-    """What a loaded tokenizer offers (the reference's calling conventions)."""
+    """What every loaded tokenizer offers at least; plugins add the reference's full calling conventions
+    (``tok(texts, padding=..., return_tensors="pt")``, ``batch_decode``, special tokens, ...)."""
 
-    def __call__(self, text: Any, **options: Any) -> Any: ...
+    def encode(self, text: Any) -> list[int]: ...
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str: ...
 
