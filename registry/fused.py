@@ -1,0 +1,238 @@
+"""Linear layers with fused epilogues, for inference on the CPU.
+
+``linear(x, layers, activation=..., residual=...)`` computes ``activation(x @ W^T + b) + residual``
+where W and b are the weights and biases of one or more ``nn.Linear`` layers concatenated along their
+outputs (a transformer's query, key and value projections as one GEMM). Families call it instead of
+``layer(x)`` so that, where it can, the CPU runs it in fewer passes over memory:
+
+* bfloat16: oneDNN with the weight packed once for the AMX/AVX-512 kernels, and the bias, the
+  activation or the residual add applied in the GEMM's epilogue (``F.linear`` hands oneDNN an unpacked
+  weight on every call, and the activation and the residual add are separate passes);
+* float32: MKL with the weight packed once (bit-identical to ``addmm``); activation and residual
+  follow in place.
+
+The fast path applies only where it computes the same function (bfloat16 results differ by rounding
+only; float32 ones not at all) and nothing is lost: CPU tensors, autograd
+off (``torch.no_grad`` / ``torch.inference_mode``), and the kernels present in this torch build.
+Anywhere else (training, GPUs, float16) it is ``F.linear`` followed by the same operations.
+
+Packed weights are cached per layer group and rebuilt when a parameter is replaced or changed in
+place; they are a second copy of those weights in the kernel's layout, held only while the layers
+live. :func:`disabled` turns the fast path off (A/B comparisons, tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+# in place on a fresh GEMM output: no second large allocation (its page faults cost more than the math)
+_IN_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": lambda y: torch.ops.aten.gelu_(y),
+    "gelu_tanh": lambda y: torch.ops.aten.gelu_(y, approximate="tanh"),
+    "relu": torch.relu_,
+    "silu": lambda y: F.silu(y, inplace=True),
+    "tanh": torch.tanh_,
+}
+# oneDNN post-op (attr, scalars, algorithm) for each activation
+_ONEDNN_UNARY: dict[str | None, tuple[str, list[Any], str]] = {
+    None: ("none", [], ""),
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
+    "relu": ("relu", [], ""),
+    "silu": ("swish", [], ""),
+    "tanh": ("tanh", [], ""),
+}
+
+_enabled = True
+# oneDNN's AMX GEMM is markedly slower for some (rows, out, in) shapes than for their row blocks
+# (e.g. 1024 x 768 x 3072 with 2 threads); the first call of a shape times both and keeps the faster
+ROW_BLOCK = 256
+_row_blocks: dict[tuple[Any, ...], int] = {}
+_packed: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[tuple[Any, ...], Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the plain path (``F.linear``) inside this block."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+@functools.cache
+def _kernels() -> frozenset[str]:
+    """Which fast kernels this torch build has and runs correctly (checked once on tiny inputs)."""
+    found = set()
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    expected = F.linear(x, w, b)
+    with torch.no_grad():
+        try:
+            if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+                packed = torch.ops.mkldnn._reorder_linear_weight(wb, None)
+                got = torch.ops.mkldnn._linear_pointwise(xb, packed, bb, "none", [], "")
+                if torch.allclose(got.float(), F.linear(xb, wb, bb).float(), atol=0.1):
+                    found.add("onednn-bf16")
+        except (RuntimeError, AttributeError) as error:
+            log.debug("oneDNN packed linear unavailable: %s", error)
+        try:
+            if torch.backends.mkl.is_available():
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 3)
+                got = torch.ops.mkl._mkl_linear(x, packed, w, b, 3)
+                if torch.allclose(got, expected, atol=1e-5):
+                    found.add("mkl-fp32")
+        except (RuntimeError, AttributeError) as error:
+            log.debug("MKL packed linear unavailable: %s", error)
+    return frozenset(found)
+
+
+def _kernel_for(x: Tensor) -> str | None:
+    if not _enabled or torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() < 2:
+        return None
+    kind = {torch.bfloat16: "onednn-bf16", torch.float32: "mkl-fp32"}.get(x.dtype)
+    return kind if kind is not None and kind in _kernels() else None
+
+
+def _weights(layers: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    if len(layers) == 1:
+        return layers[0].weight, layers[0].bias
+    weight = torch.cat([layer.weight for layer in layers])
+    biases = [layer.bias for layer in layers]
+    if all(b is None for b in biases):
+        return weight, None
+    bias = torch.cat(
+        [
+            b if b is not None else layer.weight.new_zeros(layer.out_features)
+            for b, layer in zip(biases, layers, strict=True)
+        ]
+    )
+    return weight, bias
+
+
+def _packed_weights(
+    layers: Sequence[nn.Linear], kernel: str, rows: int
+) -> tuple[Any, Tensor | None, Tensor | None, int]:
+    """(packed weight, plain weight or None, bias, out_features) for ``kernel``, cached until a parameter
+    changes. MKL packs for one row count: its entry is rebuilt when the row count changes."""
+    params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+    stamp = (kernel, rows if kernel == "mkl-fp32" else None, *((id(p), p.data_ptr(), p._version) for p in params))
+    entries = _packed.setdefault(layers[0], {})
+    key = tuple(id(layer) for layer in layers)
+    cached = entries.get(key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    weight, bias = _weights(layers)
+    value: tuple[Any, Tensor | None, Tensor | None, int]
+    if kernel == "onednn-bf16":
+        value = (torch.ops.mkldnn._reorder_linear_weight(weight, None), None, bias, weight.shape[0])
+    else:  # MKL also needs the plain weight (it falls back to it for other row counts)
+        value = (torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, bias, weight.shape[0])
+    entries[key] = (stamp, value)
+    return value
+
+
+def _blocked(gemm: Callable[[slice], Tensor], rows: int, shape: tuple[Any, ...]) -> Tensor:
+    """``gemm`` over all rows, in one call or in blocks of ROW_BLOCK rows, whichever was faster for
+    ``shape`` the first time it was seen (timed twice each; the result is the same either way)."""
+    block = _row_blocks.get(shape)
+    if block is None:
+        block = 0
+        if rows >= 2 * ROW_BLOCK:
+            timings: dict[int, float] = {}
+            for candidate in (0, ROW_BLOCK, 0, ROW_BLOCK):
+                start = time.perf_counter()
+                _run_blocks(gemm, rows, candidate)
+                elapsed = time.perf_counter() - start
+                timings[candidate] = min(elapsed, timings.get(candidate, elapsed))
+            block = min(timings, key=lambda c: timings[c])
+        _row_blocks[shape] = block
+        log.debug("linear %s: %s", shape, f"blocks of {block} rows" if block else "one GEMM")
+    return _run_blocks(gemm, rows, block)
+
+
+def _run_blocks(gemm: Callable[[slice], Tensor], rows: int, block: int) -> Tensor:
+    if not block:
+        return gemm(slice(None))
+    return torch.cat([gemm(slice(start, start + block)) for start in range(0, rows, block)])
+
+
+def linear(
+    x: Tensor,
+    layers: nn.Linear | Sequence[nn.Linear],
+    *,
+    activation: str | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``activation(x @ W^T + b) + residual`` with W, b the layers' weights and biases concatenated
+    along the output dimension.
+
+    Args:
+        x: (..., in_features).
+        layers: one linear layer, or several with the same input (their outputs side by side).
+        activation: one of :data:`ACTIVATIONS`, or None.
+        residual: (..., out_features) added last, or None.
+
+    Raises:
+        ValueError: an unknown activation.
+
+    Example:
+        >>> qkv = linear(x, (attn.query, attn.key, attn.value))   # (..., 3 * hidden)
+        >>> h = linear(x, mlp.up, activation="gelu")
+    """
+    group: Sequence[nn.Linear] = (layers,) if isinstance(layers, nn.Linear) else tuple(layers)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
+    kernel = _kernel_for(x)
+    if kernel is None:
+        y = F.linear(x, *_weights(group))
+        if activation is not None:
+            y = ACTIVATIONS[activation](y)
+        return y if residual is None else y + residual
+    leading = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    packed, weight, bias, out_features = _packed_weights(group, kernel, x2.shape[0])
+    if kernel == "onednn-bf16":
+        other = None
+        if residual is not None and activation is None:  # fused into the GEMM's epilogue
+            other = residual.reshape(-1, out_features).contiguous()
+
+        def gemm(rows: slice) -> Tensor:
+            if other is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x2[rows], other[rows], packed, bias, "add")
+            attr, scalars, algorithm = _ONEDNN_UNARY[activation]
+            return torch.ops.mkldnn._linear_pointwise(x2[rows], packed, bias, attr, scalars, algorithm)
+
+        shape = (x2.shape[0], out_features, x2.shape[1], activation, other is not None, torch.get_num_threads())
+        y = _blocked(gemm, x2.shape[0], shape)
+        if other is not None:
+            return y.view(*leading, out_features)
+    else:
+        y = torch.ops.mkl._mkl_linear(x2, packed, weight, bias, x2.shape[0])
+        if activation is not None:
+            y = _IN_PLACE[activation](y)
+    y = y.view(*leading, out_features)
+    return y if residual is None else y.add_(residual)
