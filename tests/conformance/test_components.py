@@ -60,7 +60,9 @@ def test_attention_matches_eager_with_padding_and_cache(name):
         out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
         steps = [out.logits]
         for t in range(5, 8):
-            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+            out = model(
+                input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values
+            )
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1)[real], expected[real], atol=1e-4, rtol=1e-4)
 
@@ -74,7 +76,9 @@ def test_attention_capabilities_are_honest(name):
 
     if "cpu" not in caps.devices or "float32" not in caps.dtypes:
         pytest.skip(f"'{name}' does not run on CPU fp32")
-    out = backend(q, q, q, mask=Mask(q_len=3, k_len=3, causal=True), bias=None, scale=0.5, need_weights=caps.attention_weights)
+    out = backend(
+        q, q, q, mask=Mask(q_len=3, k_len=3, causal=True), bias=None, scale=0.5, need_weights=caps.attention_weights
+    )
     assert out.output.shape == (1, 2, 3, 8)
     assert (out.weights is not None) == caps.attention_weights
 
@@ -88,7 +92,9 @@ def test_cache_decoding_equals_the_uncached_forward(name):
         out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
         steps = [out.logits]
         for t in range(4, 8):
-            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+            out = model(
+                input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values
+            )
             steps.append(out.logits)
     real = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=1e-5, rtol=1e-5)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from registry_rotary import RotaryEncoding
 
 import registry
 from registry.interfaces import Positions
-from registry_rotary import RotaryEncoding
 
 
 def test_listed_with_its_own_distribution():
