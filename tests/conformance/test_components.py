@@ -100,15 +100,44 @@ def test_cache_decoding_equals_the_uncached_forward(name):
     torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=1e-5, rtol=1e-5)
 
 
+FAMILY_SHAPES = {
+    "bloom-560m": SMALL,
+    "bert-base-uncased": dict(
+        num_hidden_layers=2, hidden_size=48, num_attention_heads=6, intermediate_size=96, vocab_size=97
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", [p for p in FAMILY_SHAPES if p in registry.presets()])
 @pytest.mark.parametrize("name", _usable("head"))
-def test_every_head_builds_and_runs_where_selection_accepts_it(name):
-    report = registry.explain("bloom-560m", **SMALL, head=name)
+def test_every_head_builds_and_runs_where_selection_accepts_it(name, preset):
+    shape = FAMILY_SHAPES[preset]
+    report = registry.explain(preset, **shape, head=name)
     if report["slots"]["head"]["chosen"] != name:
-        pytest.skip(f"head '{name}' is refused for bloom: {report['slots']['head']['reason']}")
-    model = registry.build("bloom-560m", **SMALL, head=name)
+        pytest.skip(f"head '{name}' is refused for {preset}: {report['slots']['head']['reason']}")
+    model = registry.build(preset, **shape, head=name)
     ids, mask = _batch()
     if name == "multiple-choice":  # (batch, choices, tokens), as the reference's multiple-choice models
         ids, mask = ids[:, None].expand(3, 2, 8), mask[:, None].expand(3, 2, 8)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)
     assert len(out) > 0 and all(torch.isfinite(v).all() for v in out.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", _usable("attention"))
+def test_attention_matches_eager_in_the_encoder_family(name):
+    if "bert-base-uncased" not in registry.presets():
+        pytest.skip("the bert family is not installed")
+    shape = FAMILY_SHAPES["bert-base-uncased"]
+    report = registry.explain("bert-base-uncased", **shape, attention=name, head="base")
+    if report["slots"]["attention"]["chosen"] != name:
+        pytest.skip(f"attention '{name}' does not fit bert here: {report['slots']['attention']['reason']}")
+    model = registry.build("bert-base-uncased", **shape, attention=name, head="base")
+    reference = registry.build("bert-base-uncased", **shape, attention="eager", head="base")
+    reference.load_state_dict(model.state_dict())
+    ids, mask = _batch()
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
