@@ -462,6 +462,31 @@ class EncoderDecoderCache(KVCache):
         return f"EncoderDecoderCache({self.self_attention!r}, cross-attention layers cached={cached})"
 
 
+def new_cache(
+    plugin: CachePlugin | None,
+    context: BuildContext,
+    *,
+    batch_size: int,
+    max_length: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> KVCache:
+    """A cache from the plugin a model was built with, sized by the model's build context."""
+    if plugin is None:
+        from registry.errors import InputError
+
+        raise InputError("this model was built without a cache component; use_cache needs one")
+    return plugin.create(
+        batch_size=batch_size,
+        num_layers=context.num_layers,
+        num_heads=context.num_heads,
+        head_dim=context.head_dim,
+        max_length=max_length,
+        dtype=dtype,
+        device=device,
+    )
+
+
 class CachePlugin(Component):
     """Makes a :class:`KVCache` for one generation."""
 

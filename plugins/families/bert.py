@@ -40,6 +40,7 @@ from registry.interfaces import (
     PositionEncoding,
     Positions,
     ScoreBias,
+    new_cache,
 )
 from registry.spec import FamilyConfig, TaskSpec
 
@@ -323,6 +324,7 @@ class BertModel(nn.Module):
     def __init__(self, config: BertConfig, parts: Parts, context: BuildContext, *, pooler: bool):
         super().__init__()
         self.config = config
+        self.context = context
         self.cache_plugin: CachePlugin | None = parts.cache
         self.embeddings = BertEmbeddings(config)
         self.position: PositionEncoding = parts.position.create(context)
@@ -331,17 +333,8 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config) if pooler else None
 
     def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        if self.cache_plugin is None:
-            raise InputError("this model was built without a cache component; use_cache needs one")
-        c = self.config
-        return self.cache_plugin.create(
-            batch_size=batch_size,
-            num_layers=c.num_hidden_layers,
-            num_heads=c.num_attention_heads,
-            head_dim=c.hidden_size // c.num_attention_heads,
-            max_length=None,
-            dtype=dtype,
-            device=device,
+        return new_cache(
+            self.cache_plugin, self.context, batch_size=batch_size, max_length=None, dtype=dtype, device=device
         )
 
     def forward(

@@ -33,6 +33,7 @@ from registry.interfaces import (
     PositionEncoding,
     Positions,
     ScoreBias,
+    new_cache,
 )
 from registry.spec import FamilyConfig, TaskSpec
 
@@ -187,6 +188,7 @@ class BloomModel(nn.Module):
     def __init__(self, config: BloomConfig, parts: Parts, context: BuildContext):
         super().__init__()
         self.config = config
+        self.context = context
         self.cache_plugin: CachePlugin | None = parts.cache
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -196,17 +198,8 @@ class BloomModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def new_cache(self, batch_size: int, max_length: int | None, dtype: torch.dtype, device: torch.device) -> KVCache:
-        if self.cache_plugin is None:
-            raise InputError("this model was built without a cache component; use_cache needs one")
-        c = self.config
-        return self.cache_plugin.create(
-            batch_size=batch_size,
-            num_layers=c.n_layer,
-            num_heads=c.n_head,
-            head_dim=c.hidden_size // c.n_head,
-            max_length=max_length,
-            dtype=dtype,
-            device=device,
+        return new_cache(
+            self.cache_plugin, self.context, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device
         )
 
     def forward(
