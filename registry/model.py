@@ -166,9 +166,17 @@ class AssembledModel(nn.Module):
 
         save_pretrained(self, path)
 
+    def _require_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise InputError(
+                f"{what} needs a tokenizer: load the model with registry.from_pretrained from a folder with "
+                "tokenizer files, or set model.tokenizer = registry.tokenizer(path)"
+            )
+        return self.tokenizer
+
     def generate(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | str | list[str],
         attention_mask: Tensor | None = None,
         *,
         max_new_tokens: int = 20,
@@ -178,13 +186,33 @@ class AssembledModel(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         seed: int | None = None,
-    ) -> Tensor:
-        """Prompt + up to ``max_new_tokens`` new tokens (LongTensor). See :func:`registry.generate.generate`."""
+    ) -> Tensor | str | list[str]:
+        """Continue a prompt. Token ids in, prompt + new ids out (LongTensor), as the reference; text in
+        (a string or a list of strings), the new text out, through ``model.tokenizer`` with left padding.
+
+        Example:
+            >>> model = registry.from_pretrained("bloom-checkpoint/")
+            >>> model.generate("The capital of France is", max_new_tokens=8)
+        """
         from registry.generate import generate
 
-        return generate(
+        text = isinstance(input_ids, str | list)
+        if text:
+            tokenizer = self._require_tokenizer("generate() with text")
+            batch = tokenizer(
+                [input_ids] if isinstance(input_ids, str) else input_ids,
+                padding=True,
+                padding_side="left",  # new tokens must follow every prompt directly
+                return_tensors="pt",
+            )
+            ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            if pad_token_id is None:
+                pad_token_id = tokenizer.pad_token_id
+        else:
+            ids = input_ids  # type: ignore[assignment]
+        out = generate(
             self,
-            input_ids,
+            ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -194,6 +222,40 @@ class AssembledModel(nn.Module):
             pad_token_id=pad_token_id,
             seed=seed,
         )
+        if not text:
+            return out
+        decoded = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return decoded[0] if isinstance(input_ids, str) else decoded
+
+    @torch.no_grad()
+    def encode(self, sentences: str | list[str], *, batch_size: int = 32, normalize: bool = False) -> Tensor:
+        """Sentence embeddings: the mean of the last hidden states over real tokens (as
+        sentence-transformers pools MiniLM), one row per sentence, in float32.
+
+        Args:
+            normalize: scale each embedding to unit length (cosine similarity becomes a dot product).
+
+        Example:
+            >>> model = registry.from_pretrained(minilm_folder)
+            >>> emb = model.encode(["A man is eating food.", "A man is eating pasta."], normalize=True)
+            >>> float(emb[0] @ emb[1])
+        """
+        tokenizer = self._require_tokenizer("encode()")
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            accepted = self.family.backbone_inputs  # type: ignore[attr-defined]
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k in accepted}
+            features = self.backbone(**inputs, use_cache=False, output_attentions=False, output_hidden_states=False)
+            mask = inputs["attention_mask"].unsqueeze(-1).to(features.last_hidden_state.dtype)
+            summed = (features.last_hidden_state * mask).sum(1)
+            rows.append((summed / mask.sum(1).clamp(min=1e-9)).float())
+        embeddings = torch.cat(rows)
+        if normalize:
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+        return embeddings[0] if single else embeddings
 
     def extra_repr(self) -> str:
         chosen = {slot: c["chosen"] for slot, c in self.manifest["components"].items()}
