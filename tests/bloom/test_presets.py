@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -36,11 +34,9 @@ def test_parameter_count_equals_the_reference(name):
     assert model.num_parameters() == reference.num_parameters()
 
 
-def test_176b_meta_build_is_fast():
-    registry.build("bloom-560m", n_layer=1, device="meta")  # plugins imported before timing
-    start = time.perf_counter()
+def test_176b_meta_build_allocates_nothing():
+    """What makes the meta build instant: no tensor of the 176B model has storage.
+    (Its time, about 0.1 s, is measured in docs/benchmarks.md, not asserted here.)"""
     model = registry.build("bloom", device="meta")
-    elapsed = time.perf_counter() - start
-    assert model.num_parameters() > 176e9
-    assert all(p.device.type == "meta" for p in model.parameters())
-    assert elapsed < 1.0, f"meta build of bloom (176B) took {elapsed:.2f}s"
+    assert model.num_parameters() == 176_247_271_424
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
