@@ -14,6 +14,7 @@ from registry.build import build, explain, presets, spec
 from registry.checkpoints import from_pretrained, save_pretrained
 from registry.discovery import ComponentRecord, configure, default_catalog
 from registry.errors import (
+    CacheOverflowError,
     CapabilityError,
     CheckpointError,
     DuplicateComponentError,
@@ -35,6 +36,7 @@ from registry.spec import ModelSpec
 
 __all__ = [
     "AssembledModel",
+    "CacheOverflowError",
     "CapabilityError",
     "CheckpointError",
     "ComponentRecord",

@@ -96,3 +96,7 @@ class CapabilityError(RegistryError, ValueError):
 
 class TokenizerError(RegistryError, ValueError):
     """A tokenizer file that is missing, malformed or of another algorithm, or a call it cannot serve."""
+
+
+class CacheOverflowError(InputError):
+    """More tokens than a fixed-size KV cache was created to hold."""

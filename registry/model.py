@@ -160,6 +160,40 @@ class AssembledModel(nn.Module):
         out = ModelOutput(self.head.output_name, fields)
         return out if return_dict else out.to_tuple()
 
+    def new_cache(
+        self,
+        batch_size: int,
+        max_length: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Any:
+        """A KV cache from this model's cache plugin, to pass as ``past_key_values``.
+
+        Args:
+            batch_size: rows the cache holds.
+            max_length: tokens it must hold (prompt + new tokens); a fixed-size cache ('static')
+                needs it, a growing one ignores it.
+            dtype, device: of the stored keys and values; the model's by default.
+
+        Raises:
+            InputError: a model without a cache component or that cannot decode, or a fixed-size
+                cache without ``max_length``.
+
+        Example:
+            >>> cache = model.new_cache(batch_size=2, max_length=64)
+            >>> out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        """
+        make = getattr(self.backbone, "new_cache", None)
+        if make is None or not self.family.capabilities_for(self.config).causal:
+            raise InputError(f"this {self.family.name} model does not decode with a KV cache")
+        return make(
+            batch_size,
+            max_length,
+            dtype or self.dtype,
+            torch.device(device) if device is not None else self.device,
+        )
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write config.json and model.safetensors in the reference's layout."""
         from registry.checkpoints import save_pretrained
@@ -180,19 +214,27 @@ class AssembledModel(nn.Module):
         attention_mask: Tensor | None = None,
         *,
         max_new_tokens: int = 20,
+        min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
-        top_k: int | None = None,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        stop_strings: str | list[str] | None = None,
         seed: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer: Any = None,
     ) -> Tensor | str | list[str]:
         """Continue a prompt. Token ids in, prompt + new ids out (LongTensor), as the reference; text in
         (a string or a list of strings), the new text out, through ``model.tokenizer`` with left padding.
+        The options are those of :func:`registry.generate.generate`; stop strings use the attached
+        tokenizer.
 
         Example:
             >>> model = registry.from_pretrained("bloom-checkpoint/")
-            >>> model.generate("The capital of France is", max_new_tokens=8)
+            >>> model.generate("The capital of France is", max_new_tokens=8, stop_strings=".")
         """
         from registry.generate import generate
 
@@ -210,17 +252,26 @@ class AssembledModel(nn.Module):
                 pad_token_id = tokenizer.pad_token_id
         else:
             ids = input_ids  # type: ignore[assignment]
+        if stop_strings:
+            self._require_tokenizer("generate() with stop_strings")
         out = generate(
             self,
             ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            stop_strings=stop_strings,
+            tokenizer=self.tokenizer,
             seed=seed,
+            generator=generator,
+            streamer=streamer,
         )
         if not text:
             return out

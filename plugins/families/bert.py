@@ -332,9 +332,9 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(config, parts.attention)
         self.pooler = BertPooler(config) if pooler else None
 
-    def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int | None, dtype: torch.dtype, device: torch.device) -> KVCache:
         return new_cache(
-            self.cache_plugin, self.context, batch_size=batch_size, max_length=None, dtype=dtype, device=device
+            self.cache_plugin, self.context, batch_size=batch_size, max_length=max_length, dtype=dtype, device=device
         )
 
     def forward(
@@ -371,7 +371,7 @@ class BertModel(nn.Module):
             raise InputError("past_key_values needs a decoder: build with is_decoder=True")
         cross_attends = encoder_hidden_states is not None
         if cache is None and use_cache and config.is_decoder:
-            cache = self.new_cache(B, inputs_embeds.dtype, device)
+            cache = self.new_cache(B, None, inputs_embeds.dtype, device)
             if cross_attends:
                 cache = EncoderDecoderCache(cache, config.num_hidden_layers)
         past = cache.get_seq_length() if cache is not None else 0

@@ -217,3 +217,23 @@ def test_cached_decoding_with_relative_positions(position):
         full = model(input_ids=ids, use_cache=False).logits
     stepped, _ = decode_in_steps(model, ids, prefill=4)
     assert max_diff(stepped, full) <= 1e-4
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_greedy_generation_is_the_reference_s_with_left_padding(reference_checkpoint, attention, cache):
+    """BERT as a decoder generates through either cache; with left padding the positions count real
+    tokens only, as the reference's generate() passes them."""
+    ref, folder = reference_checkpoint("causal-lm")
+    ours = registry.from_pretrained(folder, attention=attention, cache=cache)
+    ids = torch.randint(1, VOCAB, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        expected = ref.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, expected)

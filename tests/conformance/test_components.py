@@ -89,7 +89,8 @@ def test_cache_decoding_equals_the_uncached_forward(name):
     ids, mask = _batch()
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        cache = model.new_cache(batch_size=3, max_length=8)
+        out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True)
         steps = [out.logits]
         for t in range(4, 8):
             out = model(
