@@ -110,11 +110,31 @@ def _kernels() -> frozenset[str]:
     return frozenset(found)
 
 
+def _fast_path(x: Tensor) -> bool:
+    return _enabled and not torch.is_grad_enabled() and x.device.type == "cpu"
+
+
 def _kernel_for(x: Tensor) -> str | None:
-    if not _enabled or torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() < 2:
+    if not _fast_path(x) or x.dim() < 2:
+        return None
+    if x.dtype == torch.float32 and x.numel() == x.shape[-1]:
+        # one row: MKL's packed GEMM is no faster than its GEMV, and packing for one row count would
+        # repack on every change between prefill and decode
         return None
     kind = {torch.bfloat16: "onednn-bf16", torch.float32: "mkl-fp32"}.get(x.dtype)
     return kind if kind is not None and kind in _kernels() else None
+
+
+def project(x: Tensor, weight: Tensor) -> Tensor:
+    """``x @ weight^T`` without a bias and without a packed copy (for large matrices that are also
+    used elsewhere, as a language-model head tied to the input embeddings).
+
+    One row on the fast path runs as a matrix-vector product: for bfloat16 it reads the weight at close
+    to the memory bandwidth, where the GEMM runs at about two thirds of it (a 250880 x 1024 head: 28 ms
+    against 39 ms on the 2-core machine of docs/benchmarks.md)."""
+    if _fast_path(x) and x.numel() == x.shape[-1] and x.dim() >= 1:
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
 
 
 def _weights(layers: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -180,6 +200,22 @@ def _run_blocks(gemm: Callable[[slice], Tensor], rows: int, block: int) -> Tenso
     return torch.cat([gemm(slice(start, start + block)) for start in range(0, rows, block)])
 
 
+def _plain(x: Tensor, group: Sequence[nn.Linear], activation: str | None, residual: Tensor | None) -> Tensor:
+    """``F.linear`` and the epilogue as separate operations (in place on the fresh output where
+    autograd is off)."""
+    if len(group) == 1 or torch.is_grad_enabled():
+        y = F.linear(x, *_weights(group))
+    else:  # without autograd, one GEMM per layer beats concatenating their weights on every call
+        y = torch.cat([F.linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
+    if torch.is_grad_enabled():
+        if activation is not None:
+            y = ACTIVATIONS[activation](y)
+        return y if residual is None else y + residual
+    if activation is not None:
+        y = _IN_PLACE[activation](y)
+    return y if residual is None else y.add_(residual)
+
+
 def linear(
     x: Tensor,
     layers: nn.Linear | Sequence[nn.Linear],
@@ -208,10 +244,7 @@ def linear(
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
     kernel = _kernel_for(x)
     if kernel is None:
-        y = F.linear(x, *_weights(group))
-        if activation is not None:
-            y = ACTIVATIONS[activation](y)
-        return y if residual is None else y + residual
+        return _plain(x, group, activation, residual)
     leading = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     packed, weight, bias, out_features = _packed_weights(group, kernel, x2.shape[0])

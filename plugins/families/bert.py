@@ -371,7 +371,7 @@ class BertModel(nn.Module):
             raise InputError("past_key_values needs a decoder: build with is_decoder=True")
         cross_attends = encoder_hidden_states is not None
         if cache is None and use_cache and config.is_decoder:
-            cache = self.new_cache(B, None, inputs_embeds.dtype, device)
+            cache = self.new_cache(B, T, inputs_embeds.dtype, device)  # a fixed-size cache holds these T tokens
             if cross_attends:
                 cache = EncoderDecoderCache(cache, config.num_hidden_layers)
         past = cache.get_seq_length() if cache is not None else 0

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.errors import InputError
+from registry.fused import linear, project
 from registry.interfaces import (
     AttentionBackend,
     BackboneOutput,
@@ -90,11 +91,6 @@ _SIZES = {  # name: (hidden_size, n_layer, n_head), from the published checkpoin
 # -- blocks ---------------------------------------------------------------------------------------
 
 
-def bloom_gelu(x: Tensor) -> Tensor:
-    """The tanh approximation of GELU with BLOOM's constants."""
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
-
-
 def tp_linear(x: Tensor, linear: nn.Linear, slices: int) -> Tensor:
     """``x @ W^T`` summed over ``slices`` column blocks, as Megatron's tensor-parallel ranks did
     (``slow_but_exact``). The reference adds no bias on this path, and neither do we: parity first."""
@@ -134,7 +130,7 @@ class BloomAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         B, T, C = x.shape
         # the fused projection interleaves q, k, v per head: (B, T, H, 3, D)
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
+        qkv = linear(x, self.query_key_value).view(B, T, self.num_heads, 3, self.head_dim)
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         if rotate is not None:
             q, k = rotate(q, k, positions)
@@ -145,7 +141,12 @@ class BloomAttention(nn.Module):
             q, k, v, mask=mask, bias=bias, scale=self.scale, dropout=dropout, need_weights=need_weights
         )
         out = out.transpose(1, 2).reshape(B, T, C)
-        out = tp_linear(out, self.dense, self.tp_slices) if self.tp_slices else self.dense(out)
+        if self.tp_slices:
+            out = tp_linear(out, self.dense, self.tp_slices)
+        elif not (self.training and self.hidden_dropout):
+            return linear(out, self.dense, residual=residual), weights  # the residual add fused
+        else:
+            out = self.dense(out)
         return residual + F.dropout(out, self.hidden_dropout, self.training), weights
 
 
@@ -158,8 +159,15 @@ class BloomMLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        h = bloom_gelu(self.dense_h_to_4h(x))
-        out = tp_linear(h, self.dense_4h_to_h, self.tp_slices) if self.tp_slices else self.dense_4h_to_h(h)
+        # BLOOM's GELU is the tanh approximation (its constant 0.79788456 is sqrt(2/pi) to 8 digits),
+        # fused into the GEMM's epilogue where it can be
+        h = linear(x, self.dense_h_to_4h, activation="gelu_tanh")
+        if self.tp_slices:
+            out = tp_linear(h, self.dense_4h_to_h, self.tp_slices)
+        elif not (self.training and self.hidden_dropout):
+            return linear(h, self.dense_4h_to_h, residual=residual)  # the residual add fused
+        else:
+            out = self.dense_4h_to_h(h)
         return residual + F.dropout(out, self.hidden_dropout, self.training)
 
 
@@ -221,7 +229,7 @@ class BloomModel(nn.Module):
         device = inputs_embeds.device
         cache = past_key_values
         if cache is None and use_cache:
-            cache = self.new_cache(B, None, inputs_embeds.dtype, device)
+            cache = self.new_cache(B, T, inputs_embeds.dtype, device)  # a fixed-size cache holds these T tokens
         past = cache.get_seq_length() if cache is not None else 0
         S = cache.key_length(T) if cache is not None else T
 
@@ -285,7 +293,7 @@ class TiedProjection(nn.Module):
         self._embedding = (embedding,)  # a tuple hides it from nn.Module: not a second parameter
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self._embedding[0].weight)
+        return project(hidden, self._embedding[0].weight)
 
 
 class LastTokenSummary(nn.Module):

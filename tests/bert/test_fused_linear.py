@@ -26,12 +26,13 @@ def layers(dtype=torch.float32):
     return group
 
 
+@pytest.mark.parametrize("shape", [(3, 7), (1, 1)], ids=["rows", "one-row"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "relu", "silu", "tanh"])
-def test_fused_equals_plain(dtype, tol, activation):
+def test_fused_equals_plain(dtype, tol, activation, shape):
     group = layers(dtype)
-    x = torch.randn(3, 7, 16).to(dtype)
-    residual = torch.randn(3, 7, 20).to(dtype)
+    x = torch.randn(*shape, 16).to(dtype)
+    residual = torch.randn(*shape, 20).to(dtype)
     weight = torch.cat([layer.weight for layer in group]).float()
     bias = torch.cat([layer.bias for layer in group]).float()
     expected = F.linear(x.float(), weight, bias)
@@ -40,7 +41,7 @@ def test_fused_equals_plain(dtype, tol, activation):
     with torch.no_grad():
         got = fused.linear(x, group, activation=activation)
         with_residual = fused.linear(x, group, activation=activation, residual=residual)
-    assert got.dtype == dtype and got.shape == (3, 7, 20)
+    assert got.dtype == dtype and got.shape == (*shape, 20)
     assert max_diff(got, expected) <= tol
     assert max_diff(with_residual, expected + residual.float()) <= 2 * tol
 
@@ -101,3 +102,15 @@ def test_training_takes_the_plain_path_and_gets_gradients():
     for layer in (attention.query, attention.key, attention.value):
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     assert model.bert.pooler.dense.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_project_is_a_bias_free_linear(dtype, tol, rows):
+    torch.manual_seed(0)
+    weight = torch.randn(40, 16).to(dtype)
+    x = torch.randn(rows, 1, 16).to(dtype)
+    with torch.no_grad():
+        got = fused.project(x, weight)
+    assert got.shape == (rows, 1, 40) and got.dtype == dtype
+    assert max_diff(got, F.linear(x.float(), weight.float())) <= tol

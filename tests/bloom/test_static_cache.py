@@ -55,10 +55,17 @@ def test_prefill_and_decode_write_in_place_at_stable_addresses():
         decode_step(model, logits.argmax(-1), torch.ones(2, 8, dtype=torch.long), cache, None)
 
 
-def test_a_forward_with_the_static_cache_and_no_length_is_a_clear_error():
+def test_a_forward_that_makes_its_own_static_cache_sizes_it_to_its_tokens():
+    """No cache passed: the forward's cache holds exactly its tokens; decoding on is a clear error
+    that says how to make a longer one."""
     model = registry.build("bloom-560m", cache="static", **TINY)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert out.past_key_values.max_length == 3 and out.past_key_values.get_seq_length() == 3
+    with pytest.raises(registry.CacheOverflowError, match="max_length"), torch.no_grad():
+        model(input_ids=torch.tensor([[4]]), past_key_values=out.past_key_values)
     with pytest.raises(registry.InputError, match="max_length"):
-        model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+        model.new_cache(1)
 
 
 def test_the_static_cache_refuses_keys_of_another_dtype():
