@@ -215,3 +215,27 @@ def test_generate_needs_a_causal_lm_head():
     model = registry.build("bloom-560m", n_layer=1, hidden_size=32, n_head=4, vocab_size=50, head="base")
     with pytest.raises(registry.InputError, match="causal-lm"):
         model.generate(torch.tensor([[1, 2]]))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_each_decode_step_builds_the_alibi_bias_once_and_projects_one_position(monkeypatch, cache):
+    from registry.interfaces import AlibiBias
+
+    model = registry.build("bloom-560m", n_layer=4, hidden_size=32, n_head=4, vocab_size=50, cache=cache)
+    builds: list[tuple[int, ...]] = []
+    original = AlibiBias.materialize
+
+    def counting(self, q, k):
+        out = original(self, q, k)
+        builds.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(AlibiBias, "materialize", counting)
+    projected: list[tuple[int, ...]] = []
+    head = model.head.lm_head
+    head.register_forward_hook(lambda module, args, out: projected.append(tuple(out.shape)))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 9, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
+    assert len(builds) == 5  # prefill + 4 decode steps, one each for all 4 layers
+    assert projected == [(2, 1, 50)] * 5  # logits of the last position only
