@@ -8,8 +8,11 @@ outputs (a transformer's query, key and value projections as one GEMM). Families
 * bfloat16: oneDNN with the weight packed once for the AMX/AVX-512 kernels, and the bias, the
   activation or the residual add applied in the GEMM's epilogue (``F.linear`` hands oneDNN an unpacked
   weight on every call, and the activation and the residual add are separate passes);
-* float32: MKL with the weight packed once (bit-identical to ``addmm``); activation and residual
-  follow in place.
+* float32: from MKL_MIN_ROWS rows, MKL with the weight packed for that row count (bit-identical to
+  ``addmm``); below, ``F.linear`` itself, with no packed copy. Activation and residual follow in
+  place.
+* a language-model head tied to the embeddings (:func:`project`) is never packed: one row runs as a
+  GEMV, a few bfloat16 rows as ``W @ x^T``.
 
 The fast path applies only where it computes the same function (bfloat16 results differ by rounding
 only; float32 ones not at all) and nothing is lost: CPU tensors, autograd
@@ -63,6 +66,13 @@ _ONEDNN_UNARY: dict[str | None, tuple[str, list[Any], str]] = {
 }
 
 _enabled = True
+# float32 row counts from which MKL's packed GEMM is used (below: no packed copy at all)
+MKL_MIN_ROWS = 256
+# up to this many bfloat16 rows, ``W @ x^T`` beats ``x @ W^T``: the weight streams once through the
+# kernel's long dimension (a 250880 x 1024 head with 8 rows: 46 ms against 74 ms on the machine of
+# docs/benchmarks.md). Float32 would gain too (158 against 245 ms) but not bit for bit, so it does not
+# take it: float32 results stay identical to the reference's
+WEIGHT_LEFT_MAX_ROWS = 64
 # oneDNN's AMX GEMM is markedly slower for some (rows, out, in) shapes than for their row blocks
 # (e.g. 1024 x 768 x 3072 with 2 threads); the first call of a shape times both and keeps the faster
 ROW_BLOCK = 256
@@ -117,24 +127,40 @@ def _fast_path(x: Tensor) -> bool:
 def _kernel_for(x: Tensor) -> str | None:
     if not _fast_path(x) or x.dim() < 2:
         return None
-    if x.dtype == torch.float32 and x.numel() == x.shape[-1]:
-        # one row: MKL's packed GEMM is no faster than its GEMV, and packing for one row count would
-        # repack on every change between prefill and decode
+    if x.dtype == torch.float32 and x.numel() < MKL_MIN_ROWS * x.shape[-1]:
+        # MKL packs for one row count and repacks (a copy of every weight) when it changes, as it does
+        # between a prompt and its decode steps: worth it only for large GEMMs. Below, a few rows run
+        # as the weight-on-the-left GEMM, one row as a GEMV (see _plain)
         return None
     kind = {torch.bfloat16: "onednn-bf16", torch.float32: "mkl-fp32"}.get(x.dtype)
     return kind if kind is not None and kind in _kernels() else None
+
+
+def _few_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``, computed as ``(W @ x^T)^T`` for 2 to WEIGHT_LEFT_MAX_ROWS bfloat16 rows on the CPU
+    (the same numbers: bfloat16 products accumulate in float32 either way). Float32 keeps ``F.linear``,
+    whose results it reproduces bit for bit, so that seeded sampling draws the reference's tokens."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not 1 < rows <= WEIGHT_LEFT_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(rows, x.shape[-1])
+    y = torch.mm(weight, x2.t()) if bias is None else torch.addmm(bias[:, None], weight, x2.t())
+    return y.t().reshape(*x.shape[:-1], weight.shape[0])
 
 
 def project(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight^T`` without a bias and without a packed copy (for large matrices that are also
     used elsewhere, as a language-model head tied to the input embeddings).
 
-    One row on the fast path runs as a matrix-vector product: for bfloat16 it reads the weight at close
+    A few rows run as ``W @ x^T`` (see WEIGHT_LEFT_MAX_ROWS); one row as a matrix-vector product: for
+    bfloat16 it reads the weight at close
     to the memory bandwidth, where the GEMM runs at about two thirds of it (a 250880 x 1024 head: 28 ms
     against 39 ms on the 2-core machine of docs/benchmarks.md)."""
-    if _fast_path(x) and x.numel() == x.shape[-1] and x.dim() >= 1:
+    if not _fast_path(x):
+        return F.linear(x, weight)
+    if x.numel() == x.shape[-1]:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
+    return _few_rows_linear(x, weight, None)
 
 
 def _weights(layers: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -203,10 +229,10 @@ def _run_blocks(gemm: Callable[[slice], Tensor], rows: int, block: int) -> Tenso
 def _plain(x: Tensor, group: Sequence[nn.Linear], activation: str | None, residual: Tensor | None) -> Tensor:
     """``F.linear`` and the epilogue as separate operations (in place on the fresh output where
     autograd is off)."""
-    if len(group) == 1 or torch.is_grad_enabled():
+    if not _fast_path(x):
         y = F.linear(x, *_weights(group))
     else:  # without autograd, one GEMM per layer beats concatenating their weights on every call
-        y = torch.cat([F.linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
+        y = torch.cat([_few_rows_linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
     if torch.is_grad_enabled():
         if activation is not None:
             y = ACTIVATIONS[activation](y)

@@ -91,6 +91,11 @@ _SIZES = {  # name: (hidden_size, n_layer, n_head), from the published checkpoin
 # -- blocks ---------------------------------------------------------------------------------------
 
 
+def bloom_gelu(x: Tensor) -> Tensor:
+    """The tanh approximation of GELU with BLOOM's constant (0.79788456: sqrt(2/pi) to 8 digits)."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
 def tp_linear(x: Tensor, linear: nn.Linear, slices: int) -> Tensor:
     """``x @ W^T`` summed over ``slices`` column blocks, as Megatron's tensor-parallel ranks did
     (``slow_but_exact``). The reference adds no bias on this path, and neither do we: parity first."""
@@ -159,9 +164,10 @@ class BloomMLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        # BLOOM's GELU is the tanh approximation (its constant 0.79788456 is sqrt(2/pi) to 8 digits),
-        # fused into the GEMM's epilogue where it can be
-        h = linear(x, self.dense_h_to_4h, activation="gelu_tanh")
+        if x.dtype == torch.bfloat16:  # the tanh GELU in the GEMM's epilogue: same function, bf16 rounding
+            h = linear(x, self.dense_h_to_4h, activation="gelu_tanh")
+        else:  # the reference's arithmetic, so that float32 logits match it to the last bit where they can
+            h = bloom_gelu(linear(x, self.dense_h_to_4h))
         if self.tp_slices:
             out = tp_linear(h, self.dense_4h_to_h, self.tp_slices)
         elif not (self.training and self.hidden_dropout):

@@ -12,6 +12,16 @@ from registry import fused
 from .conftest import left_padded_batch
 
 
+def test_float32_eager_logits_are_the_reference_s_to_the_last_bit(reference_checkpoint):
+    ref, folder = reference_checkpoint("causal-lm", "h8-post-ln")
+    ours = registry.from_pretrained(folder, attention="eager")
+    ids, mask = left_padded_batch(length=7)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got[mask.bool()], expected[mask.bool()])
+
+
 def test_float32_generation_is_the_same_with_and_without_the_fused_path(reference_checkpoint):
     _, folder = reference_checkpoint("causal-lm", "h8-post-ln")
     model = registry.from_pretrained(folder)
@@ -31,17 +41,14 @@ def test_float32_generation_is_the_same_with_and_without_the_fused_path(referenc
 def test_bfloat16_logits_are_close_to_the_reference_s(reference_checkpoint, cache):
     ref, folder = reference_checkpoint("causal-lm", "h8-post-ln")
     ours = registry.from_pretrained(folder, dtype="bfloat16", cache=cache)
-    reference = ref.to(torch.bfloat16)
+    reference = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()  # the shared one stays fp32
     ids, mask = left_padded_batch(length=7)
-    try:
-        with torch.no_grad():
-            expected = reference(input_ids=ids, attention_mask=mask).logits.float()
-            got = ours(input_ids=ids, attention_mask=mask).logits.float()
-            with fused.disabled():
-                plain = ours(input_ids=ids, attention_mask=mask).logits.float()
-        exact = ref.float()(input_ids=ids, attention_mask=mask).logits
-    finally:
-        ref.float()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits.float()
+        got = ours(input_ids=ids, attention_mask=mask).logits.float()
+        with fused.disabled():
+            plain = ours(input_ids=ids, attention_mask=mask).logits.float()
+        exact = ref(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     # bfloat16 keeps 8 bits of mantissa: compare against the float32 truth, ours no worse than the reference
     ours_error = (got - exact)[real].abs().max()

@@ -117,9 +117,10 @@ SAMPLING = [
 @pytest.mark.parametrize("options", SAMPLING, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_seeded_sampling_draws_the_reference_s_tokens(reference_checkpoint, options, cache):
     """The same filters in the same order, and the same draw: torch.manual_seed(s) for the reference,
-    seed=s for ours, give the same tokens."""
+    seed=s for ours, give the same tokens. Eager attention: its float32 logits are the reference's to
+    the last bit, so no top-p boundary can differ (SDPA's differ by about 1e-7)."""
     ref, folder = reference_checkpoint("causal-lm", "h8-post-ln")
-    ours = registry.from_pretrained(folder, cache=cache)
+    ours = registry.from_pretrained(folder, cache=cache, attention="eager")
     ids, mask = left_padded_batch(length=7)
     torch.manual_seed(5)
     expected = reference_generate(ref, ids, mask, max_new_tokens=12, do_sample=True, **options)
