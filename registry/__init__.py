@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from registry.ab import ABReport, ab
 from registry.build import build, explain, presets, spec
 from registry.checkpoints import from_pretrained, save_pretrained
 from registry.discovery import ComponentRecord, configure, default_catalog
@@ -35,6 +36,7 @@ from registry.model import AssembledModel
 from registry.spec import ModelSpec
 
 __all__ = [
+    "ABReport",
     "AssembledModel",
     "CacheOverflowError",
     "CapabilityError",
@@ -51,6 +53,7 @@ __all__ = [
     "UnknownComponentError",
     "UnknownOverrideError",
     "UnknownPresetError",
+    "ab",
     "build",
     "catalog",
     "configure",
