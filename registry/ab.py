@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten
 
 from registry.build import assemble, build, initialize, resolve_spec, split_build_options
 from registry.discovery import default_catalog
-from registry.errors import InputError, InvalidSpecError, RegistryError
+from registry.errors import InputError, InvalidSpecError, MissingDependencyError
 from registry.hooks import manager
 from registry.model import AssembledModel
 from registry.select import select
@@ -70,10 +70,6 @@ ModelLike = str | os.PathLike[str] | ModelSpec | Mapping[str, Any] | AssembledMo
 Inputs = Tensor | Mapping[str, Tensor] | str | Sequence[str]
 ProgressCallback = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called as the work advances (stages: build, numerics, warm-up, repeats)."""
-
-
-class MissingDependencyError(RegistryError, ImportError):
-    """An optional dependency that a feature needs is not installed."""
 
 
 # -- the report ---------------------------------------------------------------------------------

@@ -100,3 +100,7 @@ class TokenizerError(RegistryError, ValueError):
 
 class CacheOverflowError(InputError):
     """More tokens than a fixed-size KV cache was created to hold."""
+
+
+class MissingDependencyError(RegistryError, ImportError):
+    """An optional dependency a feature needs is not installed (the message says what to install)."""
