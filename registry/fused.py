@@ -231,6 +231,8 @@ def _plain(x: Tensor, group: Sequence[nn.Linear], activation: str | None, residu
     autograd is off)."""
     if not _fast_path(x):
         y = F.linear(x, *_weights(group))
+    elif len(group) == 1:
+        y = _few_rows_linear(x, group[0].weight, group[0].bias)
     else:  # without autograd, one GEMM per layer beats concatenating their weights on every call
         y = torch.cat([_few_rows_linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
     if torch.is_grad_enabled():

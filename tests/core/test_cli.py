@@ -3,7 +3,6 @@ bad input as one line with exit code 2."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import re
@@ -20,7 +19,6 @@ from tests.tokenizers.make_bloom_tokenizer import make_bloom_tokenizer
 
 TINY = ["n_layer=2", "hidden_size=32", "n_head=4", "vocab_size=1000"]
 ANSI = re.compile(r"\x1b\[")
-has_streamer = "streamer" in inspect.signature(AssembledModel.generate).parameters
 
 
 class Terminal(io.StringIO):
@@ -126,7 +124,6 @@ def test_generate_from_ids(capsys):
     assert len(tokens) == 4 and all(0 <= int(t) < 1000 for t in tokens)
 
 
-@pytest.mark.skipif(not has_streamer, reason="model.generate() has no streamer= yet (added with the generation work)")
 def test_generate_streams_text_as_it_is_produced(checkpoint, monkeypatch):
     out = Writes()
     monkeypatch.setattr("sys.stdout", out)
