@@ -5,23 +5,27 @@ where W and b are the weights and biases of one or more ``nn.Linear`` layers con
 outputs (a transformer's query, key and value projections as one GEMM). Families call it instead of
 ``layer(x)`` so that, where it can, the CPU runs it in fewer passes over memory:
 
-* bfloat16: oneDNN with the weight packed once for the AMX/AVX-512 kernels, and the bias, the
-  activation or the residual add applied in the GEMM's epilogue (``F.linear`` hands oneDNN an unpacked
-  weight on every call, and the activation and the residual add are separate passes);
+* bfloat16, up to AMX_MAX_ROWS rows: the AMX kernel of :mod:`registry.amx`, which reads the weights where
+  they lie (no packed copy), streams them at close to the memory bandwidth for a decode step, and applies
+  the bias, the activation and the residual add before it rounds to bfloat16;
+* bfloat16, more rows (or where that kernel is not ready: :func:`registry.amx.status` says why): oneDNN
+  with the weight packed once for its AMX/AVX-512 kernels, and the bias, the activation or the residual
+  add in the GEMM's epilogue (``F.linear`` hands oneDNN an unpacked weight on every call, and the
+  activation and the residual add are separate passes);
 * float32: from MKL_MIN_ROWS rows, MKL with the weight packed for that row count (bit-identical to
   ``addmm``); below, ``F.linear`` itself, with no packed copy. Activation and residual follow in
   place.
-* a language-model head tied to the embeddings (:func:`project`) is never packed: one row runs as a
-  GEMV, a few bfloat16 rows as ``W @ x^T``.
+* a language-model head tied to the embeddings (:func:`project`) is never packed: bfloat16 runs on the
+  AMX kernel; without it, one row runs as a GEMV, a few bfloat16 rows as ``W @ x^T``.
 
 The fast path applies only where it computes the same function (bfloat16 results differ by rounding
 only; float32 ones not at all) and nothing is lost: CPU tensors, autograd
 off (``torch.no_grad`` / ``torch.inference_mode``), and the kernels present in this torch build.
 Anywhere else (training, GPUs, float16) it is ``F.linear`` followed by the same operations.
 
-Packed weights are cached per layer group and rebuilt when a parameter is replaced or changed in
-place; they are a second copy of those weights in the kernel's layout, held only while the layers
-live. :func:`disabled` turns the fast path off (A/B comparisons, tests).
+Packed weights (oneDNN, MKL) are cached per layer group and rebuilt when a parameter is replaced or
+changed in place; they are a second copy of those weights in the kernel's layout, made on the first call
+that needs them and held only while the layers live. :func:`disabled` turns the fast path off (A/B comparisons, tests).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from registry import amx
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,9 @@ _ONEDNN_UNARY: dict[str | None, tuple[str, list[Any], str]] = {
 }
 
 _enabled = True
+# bfloat16 row counts below which the AMX kernel runs (no packed weights); from here oneDNN's packed GEMM,
+# which is 10-25% faster on large products (docs/benchmarks.md) at the cost of a packed copy of the weights
+AMX_MAX_ROWS = 256
 # float32 row counts from which MKL's packed GEMM is used (below: no packed copy at all)
 MKL_MIN_ROWS = 256
 # up to this many bfloat16 rows, ``W @ x^T`` beats ``x @ W^T``: the weight streams once through the
@@ -93,10 +102,21 @@ def disabled() -> Iterator[None]:
         _enabled = previous
 
 
+def kernels() -> dict[str, str]:
+    """Each fast kernel and whether it is used here: "ready", or the reason it is not."""
+    found = _kernels()
+    status = {name: "ready" if name in found else "not in this torch build, or failed its check"
+              for name in ("onednn-bf16", "mkl-fp32")}  # fmt: skip
+    status["amx-bf16"] = amx.status().reason
+    return status
+
+
 @functools.cache
 def _kernels() -> frozenset[str]:
     """Which fast kernels this torch build has and runs correctly (checked once on tiny inputs)."""
     found = set()
+    if amx.ready():
+        found.add("amx-bf16")
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     expected = F.linear(x, w, b)
     with torch.no_grad():
@@ -132,8 +152,39 @@ def _kernel_for(x: Tensor) -> str | None:
         # between a prompt and its decode steps: worth it only for large GEMMs. Below, a few rows run
         # as the weight-on-the-left GEMM, one row as a GEMV (see _plain)
         return None
+    if x.dtype == torch.bfloat16 and "amx-bf16" in _kernels() and x.numel() < AMX_MAX_ROWS * x.shape[-1]:
+        return "amx-bf16"
     kind = {torch.bfloat16: "onednn-bf16", torch.float32: "mkl-fp32"}.get(x.dtype)
     return kind if kind is not None and kind in _kernels() else None
+
+
+def _amx_takes(x: Tensor, group: Sequence[nn.Linear], residual: Tensor | None) -> bool:
+    return all(
+        amx.supports(x, layer.weight) and (layer.bias is None or layer.bias.dtype == torch.bfloat16)
+        for layer in group
+    ) and (residual is None or residual.dtype == torch.bfloat16)
+
+
+def _amx_linear(x: Tensor, group: Sequence[nn.Linear], activation: str | None, residual: Tensor | None) -> Tensor:
+    """The group on the AMX kernel: each layer writes its columns of one output (no concatenated copy)."""
+    leading = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out_features = sum(layer.out_features for layer in group)
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
+    r2 = None
+    if residual is not None:
+        r2 = residual.reshape(-1, out_features)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+    start = 0
+    for layer in group:
+        end = start + layer.out_features
+        amx.linear(
+            x2, layer.weight, layer.bias, activation=activation, out=y if len(group) == 1 else y[:, start:end],
+            residual=None if r2 is None else r2 if len(group) == 1 else r2[:, start:end],
+        )  # fmt: skip
+        start = end
+    return y.view(*leading, out_features)
 
 
 def _few_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -152,12 +203,15 @@ def project(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight^T`` without a bias and without a packed copy (for large matrices that are also
     used elsewhere, as a language-model head tied to the input embeddings).
 
-    A few rows run as ``W @ x^T`` (see WEIGHT_LEFT_MAX_ROWS); one row as a matrix-vector product: for
-    bfloat16 it reads the weight at close
-    to the memory bandwidth, where the GEMM runs at about two thirds of it (a 250880 x 1024 head: 28 ms
-    against 39 ms on the 2-core machine of docs/benchmarks.md)."""
+    bfloat16 runs on the AMX kernel, which reads the weight where it lies, at close to the memory
+    bandwidth for a few rows. Without it, a few rows run as ``W @ x^T`` (see WEIGHT_LEFT_MAX_ROWS) and
+    one row as a matrix-vector product: for bfloat16 that reads the weight at close to the memory
+    bandwidth, where the GEMM runs at about two thirds of it (a 250880 x 1024 head: 28 ms against 39 ms
+    on the 2-core machine of docs/benchmarks.md)."""
     if not _fast_path(x):
         return F.linear(x, weight)
+    if "amx-bf16" in _kernels() and amx.supports(x, weight):
+        return amx.linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     if x.numel() == x.shape[-1]:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return _few_rows_linear(x, weight, None)
@@ -271,6 +325,10 @@ def linear(
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
     kernel = _kernel_for(x)
+    if kernel == "amx-bf16":
+        if _amx_takes(x, group, residual):
+            return _amx_linear(x, group, activation, residual)
+        kernel = "onednn-bf16" if "onednn-bf16" in _kernels() else None
     if kernel is None:
         return _plain(x, group, activation, residual)
     leading = x.shape[:-1]

@@ -1,0 +1,219 @@
+"""bfloat16 linear layers on Intel AMX tiles, through a small C kernel compiled on first use.
+
+``linear(x, weight, bias, residual=..., out=..., activation=...)`` computes
+``activation(x @ weight^T + bias) + residual`` for 2-d bfloat16 CPU tensors, accumulating in float32 and
+rounding once. The kernel (``registry/csrc/amx_linear.c``) reads the weight where it lies, so no packed
+copy is kept, and the same code serves one row (a decode step, streamed at close to the memory bandwidth)
+and a prompt's hundreds of rows (AMX throughput). :mod:`registry.fused` routes bfloat16 linear layers here
+when :func:`status` says the kernel is ready.
+
+The kernel is built with the C compiler (``$CC``, else ``cc``) into ``$REGISTRY_CACHE_DIR`` (default
+``~/.cache/registry-transformers``), once per source, flags and compiler, and checked against
+``F.linear`` on small inputs before it is used. It is not used (and :func:`status` says why) when the CPU
+lacks AMX-BF16 or AVX512-BF16, the platform is not x86-64 Linux, no compiler is found, the build or the
+check fails, or ``REGISTRY_AMX=0`` is set. Those cases run oneDNN's kernels, as before, with the same
+numbers up to rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "amx_linear.c"
+FLAGS = (
+    "-O3", "-fPIC", "-shared", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+    "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+)  # fmt: skip
+# the kernel's activation codes (enum in amx_linear.c)
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "tanh": 5}
+K_MULTIPLE = 32  # in_features must be a multiple of this (one tile of k); out_features may be anything
+_ROW_CHUNK = 128  # ROW_CHUNK in amx_linear.c: the packed rows of x held at once
+
+
+@dataclass(frozen=True)
+class Status:
+    """Whether the AMX kernel is in use, and why not when it is not."""
+
+    ready: bool
+    reason: str
+    library: str | None = None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("REGISTRY_CACHE_DIR") or Path.home() / ".cache" / "registry-transformers")
+
+
+def _compiler_version(cc: str) -> str:
+    done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else cc
+
+
+def _build(cc: str) -> Path:
+    """Compile the kernel unless this source, these flags and this compiler were built before."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"amx_linear-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        done = subprocess.run(
+            [cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-800:]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same key writes the same file
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    pointer, integer = ctypes.c_void_p, ctypes.c_int64
+    library.registry_amx_ready.restype = ctypes.c_int
+    library.registry_linear_bf16.restype = None
+    library.registry_linear_bf16.argtypes = [
+        pointer, integer, integer,  # X, M, ldx
+        pointer, integer, integer, integer,  # W, N, K, ldw
+        pointer, pointer, integer,  # bias, R, ldr
+        pointer, integer, ctypes.c_int, pointer,  # Y, ldy, activation, scratch
+    ]  # fmt: skip
+    return library
+
+
+_library: ctypes.CDLL | None = None
+_scratch = threading.local()
+
+
+@functools.cache
+def status() -> Status:
+    """Build, load and check the kernel once per process; say whether it is used and why not."""
+    global _library
+    if os.environ.get("REGISTRY_AMX", "1") == "0":
+        return Status(False, "turned off by REGISTRY_AMX=0")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return Status(False, f"needs x86-64 Linux, not {platform.system()} {platform.machine()}")
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        return Status(False, f"no C compiler '{cc}' on PATH (set CC to one)")
+    try:
+        path = _build(cc)
+        library = _bind(path)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        return Status(False, f"the kernel did not build or load: {error}")
+    if not library.registry_amx_ready():
+        return Status(False, "this CPU lacks AMX-BF16 or AVX512-BF16, or the OS refused the tile registers", str(path))
+    _library = library
+    problem = _self_check()
+    if problem:
+        _library = None
+        return Status(False, f"the kernel failed its check against F.linear: {problem}", str(path))
+    log.debug("AMX linear kernel ready: %s", path)
+    return Status(True, "ready", str(path))
+
+
+def ready() -> bool:
+    return status().ready
+
+
+def _self_check() -> str | None:
+    generator = torch.Generator().manual_seed(0)
+    for rows, out_features, in_features in ((1, 48, 64), (19, 37, 96), (150, 64, 32)):
+        x = torch.randn(rows, in_features, generator=generator).bfloat16()
+        w = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).bfloat16()
+        b = torch.randn(out_features, generator=generator).bfloat16()
+        r = torch.randn(rows, out_features, generator=generator).bfloat16()
+        exact = F.linear(x.double(), w.double(), b.double())
+        for activation in ACTIVATIONS:
+            expected = _reference_activation(exact, activation) + r.double()
+            got = linear(x, w, b, residual=r, activation=activation).double()
+            error = ((got - expected).abs() / (expected.abs() + 1e-2)).max().item()
+            if not error < 2**-6:
+                return f"{rows}x{in_features} @ {out_features}, activation {activation}: relative error {error:.3g}"
+    return None
+
+
+def _reference_activation(y: Tensor, activation: str | None) -> Tensor:
+    if activation is None:
+        return y
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}[activation](y)
+
+
+def supports(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`linear` takes these operands (bfloat16 on the CPU, rows contiguous, in_features a
+    multiple of K_MULTIPLE); the kernel must also be :func:`ready`."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and weight.shape[1] % K_MULTIPLE == 0
+        and x.shape[-1] == weight.shape[1]
+    )
+
+
+def _scratch_for(in_features: int) -> Tensor:
+    needed = in_features // 2 * _ROW_CHUNK
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < needed:
+        buffer = _scratch.buffer = torch.empty(needed, dtype=torch.int32)
+    return buffer
+
+
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``activation(x @ weight^T + bias) + residual`` for a 2-d x (rows contiguous) on the AMX kernel.
+
+    ``out`` (rows contiguous) receives the result, e.g. a column slice of a wider output. The caller
+    checks :func:`ready` and :func:`supports`; bias and residual must be bfloat16 (residual (rows, out),
+    rows contiguous).
+    """
+    library = _library
+    if library is None:
+        raise RuntimeError(f"the AMX kernel is not ready: {status().reason}")
+    rows, in_features = x.shape
+    out_features = weight.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.stride(0) != 1):
+        raise ValueError("the AMX kernel takes a contiguous bfloat16 bias")
+    if residual is not None and (residual.dtype != torch.bfloat16 or residual.stride(1) != 1):
+        raise ValueError("the AMX kernel takes a bfloat16 residual with contiguous rows")
+    library.registry_linear_bf16(
+        x.data_ptr(), rows, x.stride(0),
+        weight.data_ptr(), out_features, in_features, weight.stride(0),
+        None if bias is None else bias.data_ptr(),
+        None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0),
+        out.data_ptr(), out.stride(0), ACTIVATIONS[activation], _scratch_for(in_features).data_ptr(),
+    )  # fmt: skip
+    return out

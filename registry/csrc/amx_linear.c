@@ -1,0 +1,286 @@
+/* Linear layers in bfloat16 on Intel AMX tiles: Y = act(X W^T + bias) + R.
+
+   X is M x K, W is N x K (an nn.Linear weight, used where it lies: no packed copy), Y and R are M x N; all
+   bfloat16, accumulated in float32 and rounded once. The product is computed transposed, C = W X^T, so
+   that the weight tiles (16 rows of W x 32 values of k) load straight from W; only X is rearranged, into
+   pairs of k along its rows (the tile layout of the B operand). One kernel serves a decode step (M = 1:
+   streamed at close to the memory bandwidth) and a prompt (M in the hundreds: AMX throughput).
+
+   Threads: OpenMP, the runtime PyTorch itself loads (libgomp.so.1), so torch.set_num_threads applies.
+   Built by registry/amx.py with gcc on first use; see docs/architecture.md. */
+#include <cpuid.h>
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define ROW_CHUNK 128 /* rows of X whose packed tiles stay in L2 while a thread's weight rows stream by */
+
+enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4, ACT_TANH = 5 };
+
+/* 1 if this CPU has AMX-BF16 and AVX512-BF16 and the kernel may use the tile registers (Linux asks each
+   process to request them), else 0 */
+int registry_amx_ready(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    const int amx = (d >> 22) & 1 && (d >> 24) & 1, avx512f = (b >> 16) & 1;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    const int avx512_bf16 = (a >> 5) & 1;
+    if (!(amx && avx512f && avx512_bf16)) return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tiles 0-3: float32 accumulators (16 n x 16 m); 4, 5: weight rows; 6, 7: packed X */
+static void configure_tiles(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.colsb[t] = 64;
+        config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+}
+
+static inline __m512 load_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+static inline __m512 load_bf16_masked(const uint16_t* p, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+/* exp(x) by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (relative error ~1e-7) */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* 1 / d for finite d >= 1: the 14-bit estimate and one Newton step (relative error ~1e-8), far cheaper
+   than a division */
+static inline __m512 reciprocal_ps(__m512 d) {
+    const __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+static inline __m512 sigmoid_ps(__m512 x) { /* exp_ps is finite, so 1 + exp(-x) is in [1, 2e38] */
+    return reciprocal_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+/* erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7) */
+static inline __m512 erf_ps(__m512 x) {
+    const __m512 z = _mm512_min_ps(_mm512_abs_ps(x), _mm512_set1_ps(10.0f)), one = _mm512_set1_ps(1.0f);
+    const __m512 t = reciprocal_ps(_mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+    const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, one);
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
+}
+
+static inline __m512 activate(__m512 v, int act) {
+    switch (act) {
+    case ACT_GELU: /* x/2 (1 + erf(x / sqrt 2)) */
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
+                             _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                           erf_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)))));
+    case ACT_GELU_TANH: { /* x/2 (1 + tanh u) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3) */
+        const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
+                                       _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
+        return _mm512_mul_ps(v, sigmoid_ps(_mm512_add_ps(u, u)));
+    }
+    case ACT_RELU:
+        return _mm512_max_ps(v, _mm512_setzero_ps());
+    case ACT_SILU:
+        return _mm512_mul_ps(v, sigmoid_ps(v));
+    case ACT_TANH: /* 2 sigmoid(2x) - 1 */
+        return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid_ps(_mm512_add_ps(v, v)), _mm512_set1_ps(1.0f));
+    default:
+        return v;
+    }
+}
+
+typedef struct {
+    const uint16_t *bias, *R;
+    int64_t ldr;
+    uint16_t* Y;
+    int64_t ldy;
+    int act;
+} epilogue_args;
+
+/* v: float32 sums for row m, outputs n0 .. n0+15 (lanes outside `mask` unused) -> Y[m][n0 ..] */
+static inline void finish(__m512 v, int64_t m, int64_t n0, __mmask16 mask, const epilogue_args* e) {
+    if (e->bias) v = _mm512_add_ps(v, load_bf16_masked(e->bias + n0, mask));
+    v = activate(v, e->act);
+    if (e->R) v = _mm512_add_ps(v, load_bf16_masked(e->R + m * e->ldr + n0, mask));
+    _mm256_mask_storeu_epi16(e->Y + m * e->ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* the columns of a 16 x 16 float32 matrix (rows in order), with 64 in-register shuffles: unpacks make
+   4 x 4 blocks within each 128-bit lane, then two rounds of lane shuffles transpose the blocks */
+static inline void transpose_16x16(const float* acc, __m512 column[16]) {
+    __m512 r[16], t[16], u[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(acc + 16 * i);
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) { /* u[4g + c], lane L: column 4L + c of rows 4g .. 4g+3 */
+        const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512 s0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), s1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+        const __m512 s2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512 s3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+        column[c] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+        column[4 + c] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
+        column[8 + c] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+        column[12 + c] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
+    }
+}
+
+/* an accumulator tile stored as acc[n][m] (16 x 16 float32) -> rows m0 .. m0+rows-1 of Y: a few rows are
+   gathered, more are transposed */
+static inline void finish_tile(const float* acc, int64_t m0, int64_t rows, int64_t n0, const epilogue_args* e) {
+    if (rows <= 4) {
+        const __m512i column = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+        for (int64_t m = 0; m < rows; m++) finish(_mm512_i32gather_ps(column, acc + m, 4), m0 + m, n0, 0xffff, e);
+        return;
+    }
+    __m512 columns[16];
+    transpose_16x16(acc, columns);
+    for (int64_t m = 0; m < rows; m++) finish(columns[m], m0 + m, n0, 0xffff, e);
+}
+
+/* the last N % 16 outputs (too few for a tile), as AVX512-BF16 dot products */
+static void tail_outputs(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t n0, int64_t N,
+                         int64_t K, int64_t ldw, const epilogue_args* e) {
+    const __mmask16 mask = (__mmask16)((1u << (N - n0)) - 1);
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        float sums[16] __attribute__((aligned(64))) = {0};
+        for (int64_t n = n0; n < N; n++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 32)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(W + n * ldw + k),
+                                       (__m512bh)_mm512_loadu_si512(X + m * ldx + k));
+            sums[n - n0] = _mm512_reduce_add_ps(acc);
+        }
+        finish(_mm512_load_ps(sums), m, n0, mask, e);
+    }
+}
+
+/* Y = act(X W^T + bias) + R. Requires K % 32 == 0, rows of X, W, R, Y contiguous (strides ld*), bias and R
+   optional (NULL). XT: scratch for K/2 x ROW_CHUNK int32. */
+void registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t N, int64_t K,
+                          int64_t ldw, const uint16_t* bias, const uint16_t* R, int64_t ldr, uint16_t* Y, int64_t ldy,
+                          int act, uint32_t* XT) {
+    const epilogue_args e = {bias, R, ldr, Y, ldy, act};
+    const int64_t N16 = N / 16 * 16, nblocks = (N16 + 31) / 32, sw = ldw * 2;
+    #pragma omp parallel
+    {
+        float acc[4][256] __attribute__((aligned(64)));
+        configure_tiles();
+        for (int64_t c0 = 0; c0 < M; c0 += ROW_CHUNK) {
+            const int64_t rows = M - c0 < ROW_CHUNK ? M - c0 : ROW_CHUNK, Mp = (rows + 15) / 16 * 16, sx = Mp * 4;
+            /* X rows c0 .. c0+rows-1 -> XT[p][m] = (X[m][2p], X[m][2p+1]), zero from m = rows to Mp */
+            #pragma omp for schedule(static)
+            for (int64_t p = 0; p < K / 2; p++) {
+                uint32_t* out = XT + p * Mp;
+                for (int64_t m = 0; m < rows; m++) out[m] = *(const uint32_t*)(X + (c0 + m) * ldx + 2 * p);
+                for (int64_t m = rows; m < Mp; m++) out[m] = 0;
+            }
+            #pragma omp for schedule(static)
+            for (int64_t nb = 0; nb < nblocks; nb++) {
+                const int64_t n0 = nb * 32;
+                const uint16_t *w0 = W + n0 * ldw, *w1 = w0 + 16 * ldw;
+                const int two_w = N16 - n0 >= 32;
+                for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+                    const int two_x = Mp - m0 >= 32;
+                    const uint32_t* x = XT + m0;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    if (two_w && two_x) {
+                        for (int64_t k = 0; k < K; k += 32) {
+                            _tile_loadd(4, w0 + k, sw);
+                            _tile_loadd(6, x + k / 2 * Mp, sx);
+                            _tile_loadd(5, w1 + k, sw);
+                            _tile_loadd(7, x + k / 2 * Mp + 16, sx);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(1, 4, 7);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                    } else if (two_w) {
+                        for (int64_t k = 0; k < K; k += 32) {
+                            _tile_loadd(4, w0 + k, sw);
+                            _tile_loadd(6, x + k / 2 * Mp, sx);
+                            _tile_loadd(5, w1 + k, sw);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(2, 5, 6);
+                        }
+                    } else if (two_x) {
+                        for (int64_t k = 0; k < K; k += 32) {
+                            _tile_loadd(4, w0 + k, sw);
+                            _tile_loadd(6, x + k / 2 * Mp, sx);
+                            _tile_loadd(7, x + k / 2 * Mp + 16, sx);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(1, 4, 7);
+                        }
+                    } else {
+                        for (int64_t k = 0; k < K; k += 32) {
+                            _tile_loadd(4, w0 + k, sw);
+                            _tile_loadd(6, x + k / 2 * Mp, sx);
+                            _tile_dpbf16ps(0, 4, 6);
+                        }
+                    }
+                    _tile_stored(0, acc[0], 64);
+                    _tile_stored(1, acc[1], 64);
+                    _tile_stored(2, acc[2], 64);
+                    _tile_stored(3, acc[3], 64);
+                    const int64_t left = rows - m0, rows0 = left < 16 ? left : 16, rows1 = left - 16 < 16 ? left - 16 : 16;
+                    finish_tile(acc[0], c0 + m0, rows0, n0, &e);
+                    if (two_x && rows1 > 0) finish_tile(acc[1], c0 + m0 + 16, rows1, n0, &e);
+                    if (two_w) {
+                        finish_tile(acc[2], c0 + m0, rows0, n0 + 16, &e);
+                        if (two_x && rows1 > 0) finish_tile(acc[3], c0 + m0 + 16, rows1, n0 + 16, &e);
+                    }
+                }
+            }
+        }
+        _tile_release();
+        if (N16 < N) tail_outputs(X, M, ldx, W, N16, N, K, ldw, &e);
+    }
+}
