@@ -26,7 +26,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,6 @@ FLAGS = (
 # the kernel's activation codes (enum in amx_linear.c)
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "tanh": 5}
 K_MULTIPLE = 32  # in_features must be a multiple of this (one tile of k); out_features may be anything
-_ROW_CHUNK = 128  # ROW_CHUNK in amx_linear.c: the packed rows of x held at once
 
 
 @dataclass(frozen=True)
@@ -88,18 +86,17 @@ def _bind(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     library.registry_amx_ready.restype = ctypes.c_int
-    library.registry_linear_bf16.restype = None
+    library.registry_linear_bf16.restype = ctypes.c_int
     library.registry_linear_bf16.argtypes = [
         pointer, integer, integer,  # X, M, ldx
         pointer, integer, integer, integer,  # W, N, K, ldw
         pointer, pointer, integer,  # bias, R, ldr
-        pointer, integer, ctypes.c_int, pointer,  # Y, ldy, activation, scratch
+        pointer, integer, ctypes.c_int,  # Y, ldy, activation
     ]  # fmt: skip
     return library
 
 
 _library: ctypes.CDLL | None = None
-_scratch = threading.local()
 
 
 @functools.cache
@@ -173,14 +170,6 @@ def supports(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-def _scratch_for(in_features: int) -> Tensor:
-    needed = in_features // 2 * _ROW_CHUNK
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < needed:
-        buffer = _scratch.buffer = torch.empty(needed, dtype=torch.int32)
-    return buffer
-
-
 def linear(
     x: Tensor,
     weight: Tensor,
@@ -196,24 +185,30 @@ def linear(
     checks :func:`ready` and :func:`supports`; bias and residual must be bfloat16 (residual (rows, out),
     rows contiguous).
     """
-    library = _library
-    if library is None:
+    if _library is None:
         raise RuntimeError(f"the AMX kernel is not ready: {status().reason}")
-    rows, in_features = x.shape
-    out_features = weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
     if out is None:
-        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
     if bias is not None and (bias.dtype != torch.bfloat16 or bias.stride(0) != 1):
         raise ValueError("the AMX kernel takes a contiguous bfloat16 bias")
     if residual is not None and (residual.dtype != torch.bfloat16 or residual.stride(1) != 1):
         raise ValueError("the AMX kernel takes a bfloat16 residual with contiguous rows")
-    library.registry_linear_bf16(
+    run(x, weight, bias, residual, out, ACTIVATIONS[activation])
+    return out
+
+
+def run(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tensor, code: int) -> None:
+    """:func:`linear` without its checks, for callers that made them (``code``: ACTIVATIONS[activation]).
+    Every tensor's rows must be contiguous; the kernel must be ready."""
+    rows, in_features = x.shape
+    failed = _library.registry_linear_bf16(  # type: ignore[union-attr]
         x.data_ptr(), rows, x.stride(0),
-        weight.data_ptr(), out_features, in_features, weight.stride(0),
+        weight.data_ptr(), weight.shape[0], in_features, weight.stride(0),
         None if bias is None else bias.data_ptr(),
         None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0),
-        out.data_ptr(), out.stride(0), ACTIVATIONS[activation], _scratch_for(in_features).data_ptr(),
+        out.data_ptr(), out.stride(0), code,
     )  # fmt: skip
-    return out
+    if failed:
+        raise MemoryError(f"the AMX kernel could not allocate {in_features * 256} bytes of scratch memory")

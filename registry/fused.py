@@ -152,37 +152,61 @@ def _kernel_for(x: Tensor) -> str | None:
         # between a prompt and its decode steps: worth it only for large GEMMs. Below, a few rows run
         # as the weight-on-the-left GEMM, one row as a GEMV (see _plain)
         return None
-    if x.dtype == torch.bfloat16 and "amx-bf16" in _kernels() and x.numel() < AMX_MAX_ROWS * x.shape[-1]:
-        return "amx-bf16"
     kind = {torch.bfloat16: "onednn-bf16", torch.float32: "mkl-fp32"}.get(x.dtype)
     return kind if kind is not None and kind in _kernels() else None
 
 
-def _amx_takes(x: Tensor, group: Sequence[nn.Linear], residual: Tensor | None) -> bool:
-    return all(
-        amx.supports(x, layer.weight) and (layer.bias is None or layer.bias.dtype == torch.bfloat16)
-        for layer in group
-    ) and (residual is None or residual.dtype == torch.bfloat16)
-
-
-def _amx_linear(x: Tensor, group: Sequence[nn.Linear], activation: str | None, residual: Tensor | None) -> Tensor:
-    """The group on the AMX kernel: each layer writes its columns of one output (no concatenated copy)."""
-    leading = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    out_features = sum(layer.out_features for layer in group)
-    y = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
-    r2 = None
-    if residual is not None:
-        r2 = residual.reshape(-1, out_features)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
-    start = 0
+def _amx_linear(
+    x: Tensor, group: Sequence[nn.Linear], activation: str | None, residual: Tensor | None
+) -> Tensor | None:
+    """The group on the AMX kernel, each layer writing its columns of one output (no concatenated copy);
+    None where the kernel does not apply: it takes bfloat16 CPU operands, fewer than AMX_MAX_ROWS rows,
+    in_features a multiple of its k tile, weights with contiguous rows. (The checks of
+    :func:`registry.amx.supports`, inlined and made once: this runs for every layer of a decode step.)"""
+    in_features = x.shape[-1]
+    if (
+        x.dtype is not torch.bfloat16
+        or not _enabled
+        or not x.is_cpu
+        or in_features % amx.K_MULTIPLE
+        or x.numel() >= AMX_MAX_ROWS * in_features
+        or torch.is_grad_enabled()
+        or "amx-bf16" not in _kernels()
+        or (residual is not None and residual.dtype is not torch.bfloat16)
+    ):
+        return None
+    operands = []
     for layer in group:
-        end = start + layer.out_features
-        amx.linear(
-            x2, layer.weight, layer.bias, activation=activation, out=y if len(group) == 1 else y[:, start:end],
-            residual=None if r2 is None else r2 if len(group) == 1 else r2[:, start:end],
-        )  # fmt: skip
+        weight, bias = layer.weight, layer.bias
+        if (
+            weight.dtype is not torch.bfloat16
+            or not weight.is_cpu
+            or weight.shape[1] != in_features
+            or weight.stride(1) != 1
+            or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.stride(0) != 1))
+        ):
+            return None
+        operands.append((weight, bias))
+    leading = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    code = amx.ACTIVATIONS[activation]
+    out_features = sum(weight.shape[0] for weight, _ in operands)
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
+    r2 = None if residual is None else residual.reshape(-1, out_features)
+    if len(operands) == 1:
+        if r2 is not None and r2.stride(1) != 1:
+            r2 = r2.contiguous()
+        amx.run(x2, operands[0][0], operands[0][1], r2, y, code)
+        return y.view(*leading, out_features)
+    start = 0
+    for weight, bias in operands:
+        end = start + weight.shape[0]
+        part = None if r2 is None else r2[:, start:end]
+        if part is not None and part.stride(1) != 1:
+            part = part.contiguous()
+        amx.run(x2, weight, bias, part, y[:, start:end], code)
         start = end
     return y.view(*leading, out_features)
 
@@ -211,7 +235,10 @@ def project(x: Tensor, weight: Tensor) -> Tensor:
     if not _fast_path(x):
         return F.linear(x, weight)
     if "amx-bf16" in _kernels() and amx.supports(x, weight):
-        return amx.linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.bfloat16)
+        amx.run(x2 if x2.stride(1) == 1 else x2.contiguous(), weight, None, None, y, 0)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if x.numel() == x.shape[-1]:
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return _few_rows_linear(x, weight, None)
@@ -324,11 +351,10 @@ def linear(
     group: Sequence[nn.Linear] = (layers,) if isinstance(layers, nn.Linear) else tuple(layers)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
+    y = _amx_linear(x, group, activation, residual)
+    if y is not None:
+        return y
     kernel = _kernel_for(x)
-    if kernel == "amx-bf16":
-        if _amx_takes(x, group, residual):
-            return _amx_linear(x, group, activation, residual)
-        kernel = "onednn-bf16" if "onednn-bf16" in _kernels() else None
     if kernel is None:
         return _plain(x, group, activation, residual)
     leading = x.shape[:-1]

@@ -1,4 +1,11 @@
-"""Dynamic KV cache: per-layer key/value tensors that grow by concatenation."""
+"""Dynamic KV cache: per-layer key/value buffers that grow as tokens arrive, with no length set in advance.
+
+Each layer's keys and values live in a buffer with spare room along the token axis; new tokens are written
+into it in place, and the layer gets a view of the tokens so far. When the room runs out the buffer is
+reallocated with its capacity doubled, so a step costs a copy of its own tokens, not of the whole history
+(concatenation, as the reference does, copies every cached token at every step: quadratic in the length).
+The price is up to twice the memory of the tokens held, which :meth:`DynamicCache.shrink` gives back.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +14,81 @@ from torch import Tensor
 
 from registry.interfaces import CacheCapabilities, CachePlugin, KVCache
 
+MIN_CAPACITY = 64  # tokens: the first allocation of a layer holds at least this many
+
 
 class DynamicCache(KVCache):
     def __init__(self, num_layers: int):
-        self.keys: list[Tensor | None] = [None] * num_layers
-        self.values: list[Tensor | None] = [None] * num_layers
+        self._keys: list[Tensor | None] = [None] * num_layers  # (B, H, capacity, D)
+        self._values: list[Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+
+    @property
+    def keys(self) -> list[Tensor | None]:
+        """Each layer's cached keys, (B, H, tokens, D) views (None before the layer's first update)."""
+        return [None if k is None else k[:, :, :n] for k, n in zip(self._keys, self._lengths, strict=True)]
+
+    @property
+    def values(self) -> list[Tensor | None]:
+        return [None if v is None else v[:, :, :n] for v, n in zip(self._values, self._lengths, strict=True)]
 
     def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        old_k, old_v = self.keys[layer], self.values[layer]
-        if old_k is None or old_v is None:
-            new_k, new_v = key, value
-        else:
-            new_k, new_v = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
-        self.keys[layer], self.values[layer] = new_k, new_v
-        return new_k, new_v
+        keys, values, length = self._keys[layer], self._values[layer], self._lengths[layer]
+        end = length + key.shape[2]
+        if keys is None or values is None or end > keys.shape[2] or not _same_rows(keys, key):
+            keys = self._keys[layer] = _grown(keys, key, length, end)
+            values = self._values[layer] = _grown(values, value, length, end)
+        keys[:, :, length:end] = key
+        values[:, :, length:end] = value
+        self._lengths[layer] = end
+        return keys[:, :, :end], values[:, :, :end]
 
     def get_seq_length(self, layer: int = 0) -> int:
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[2]
+        return self._lengths[layer]
 
     def reorder(self, index: Tensor) -> None:
-        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
+        self._keys = [None if k is None else k.index_select(0, index) for k in self._keys]
+        self._values = [None if v is None else v.index_select(0, index) for v in self._values]
+
+    def shrink(self) -> None:
+        """Give back the spare room: each buffer becomes exactly as long as its tokens."""
+        self._keys = [None if k is None else k[:, :, :n].clone() for k, n in zip(self._keys, self._lengths, strict=True)]
+        self._values = [
+            None if v is None else v[:, :, :n].clone() for v, n in zip(self._values, self._lengths, strict=True)
+        ]
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
     def __repr__(self) -> str:
-        return f"DynamicCache(layers={len(self.keys)}, tokens={self.get_seq_length()})"
+        return f"DynamicCache(layers={len(self._keys)}, tokens={self.get_seq_length()})"
 
 
+def _same_rows(buffer: Tensor, new: Tensor) -> bool:
+    """Whether ``new`` (B, H, T, D) can be written into ``buffer`` (same batch, heads, head size, dtype,
+    device); otherwise the buffer is replaced, and the write below raises as a concatenation would."""
+    return (
+        buffer.shape[:2] == new.shape[:2]
+        and buffer.shape[3] == new.shape[3]
+        and buffer.dtype == new.dtype
+        and buffer.device == new.device
+    )
+
+
+def _grown(old: Tensor | None, new: Tensor, length: int, needed: int) -> Tensor:
+    """A buffer for at least ``needed`` tokens (doubling the old capacity), holding the old buffer's first
+    ``length`` tokens."""
+    capacity = max(needed, MIN_CAPACITY, 2 * old.shape[2] if old is not None else 0)
+    if old is not None and length and not _same_rows(old, new):
+        # different batch/heads/head size/dtype: the reference's concatenation would fail, and so do we
+        raise ValueError(
+            f"cannot append keys/values of shape {tuple(new.shape)} ({new.dtype}) to a cache holding "
+            f"{tuple(old[:, :, :length].shape)} ({old.dtype})"
+        )
+    buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+    if old is not None and length:
+        buffer[:, :, :length] = old[:, :, :length]
+    return buffer
 class DynamicCachePlugin(CachePlugin):
     name = "dynamic"
     capabilities = CacheCapabilities(fixed_shape=False, priority=10)

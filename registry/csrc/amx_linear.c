@@ -11,6 +11,7 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define ROW_CHUNK 128 /* rows of X whose packed tiles stay in L2 while a thread's weight rows stream by */
+#define K_CHUNK 256   /* k per pass over the row blocks: the 32 weight rows' share (16 KiB) stays in L1 */
 
 enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4, ACT_TANH = 5 };
 
@@ -200,16 +202,72 @@ static void tail_outputs(const uint16_t* X, int64_t M, int64_t ldx, const uint16
     }
 }
 
+/* 32 weight rows against `blocks` full blocks of 32 packed rows of X, for more than one block: k in chunks
+   of K_CHUNK, each chunk swept over all row blocks while its weight tiles stay in L1 (reloaded from L2 for
+   every row block, they would halve the AMX rate); the accumulators go to `acc` between chunks */
+static void rows_by_blocks(const uint16_t* w0, const uint16_t* w1, int64_t sw, const uint32_t* XT, int64_t Mp,
+                           int64_t K, int64_t blocks, float (*acc)[4][256]) {
+    const int64_t sx = Mp * 4;
+    for (int64_t kc = 0; kc < K; kc += K_CHUNK) {
+        const int64_t ke = kc + K_CHUNK < K ? kc + K_CHUNK : K;
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint32_t* x = XT + b * 32;
+            if (kc == 0) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+            } else {
+                _tile_loadd(0, acc[b][0], 64);
+                _tile_loadd(1, acc[b][1], 64);
+                _tile_loadd(2, acc[b][2], 64);
+                _tile_loadd(3, acc[b][3], 64);
+            }
+            for (int64_t k = kc; k < ke; k += 32) {
+                _tile_loadd(4, w0 + k, sw);
+                _tile_loadd(6, x + k / 2 * Mp, sx);
+                _tile_loadd(5, w1 + k, sw);
+                _tile_loadd(7, x + k / 2 * Mp + 16, sx);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, acc[b][0], 64);
+            _tile_stored(1, acc[b][1], 64);
+            _tile_stored(2, acc[b][2], 64);
+            _tile_stored(3, acc[b][3], 64);
+        }
+    }
+}
+
+/* the packed rows of X: one buffer per calling thread, grown to the largest K/2 x ROW_CHUNK seen (kept for
+   the thread's life, a few MiB at most) */
+static uint32_t* packed_rows(int64_t K) {
+    static __thread uint32_t* buffer = NULL;
+    static __thread int64_t capacity = 0;
+    const int64_t needed = K / 2 * ROW_CHUNK;
+    if (needed > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)needed * sizeof(uint32_t));
+        capacity = buffer ? needed : 0;
+    }
+    return buffer;
+}
+
 /* Y = act(X W^T + bias) + R. Requires K % 32 == 0, rows of X, W, R, Y contiguous (strides ld*), bias and R
-   optional (NULL). XT: scratch for K/2 x ROW_CHUNK int32. */
-void registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t N, int64_t K,
-                          int64_t ldw, const uint16_t* bias, const uint16_t* R, int64_t ldr, uint16_t* Y, int64_t ldy,
-                          int act, uint32_t* XT) {
+   optional (NULL). Returns 0, or -1 if the scratch memory could not be allocated (nothing written). */
+int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t N, int64_t K,
+                         int64_t ldw, const uint16_t* bias, const uint16_t* R, int64_t ldr, uint16_t* Y, int64_t ldy,
+                         int act) {
+    uint32_t* const XT = packed_rows(K);
+    if (XT == NULL) return -1;
     const epilogue_args e = {bias, R, ldr, Y, ldy, act};
     const int64_t N16 = N / 16 * 16, nblocks = (N16 + 31) / 32, sw = ldw * 2;
     #pragma omp parallel
     {
         float acc[4][256] __attribute__((aligned(64)));
+        float blocked[ROW_CHUNK / 32][4][256] __attribute__((aligned(64)));
         configure_tiles();
         for (int64_t c0 = 0; c0 < M; c0 += ROW_CHUNK) {
             const int64_t rows = M - c0 < ROW_CHUNK ? M - c0 : ROW_CHUNK, Mp = (rows + 15) / 16 * 16, sx = Mp * 4;
@@ -225,7 +283,21 @@ void registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint1
                 const int64_t n0 = nb * 32;
                 const uint16_t *w0 = W + n0 * ldw, *w1 = w0 + 16 * ldw;
                 const int two_w = N16 - n0 >= 32;
-                for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+                int64_t m0 = 0;
+                if (two_w && Mp >= 64) { /* the full 32-row blocks, k-chunked; a last 16 rows below */
+                    const int64_t blocks = Mp / 32;
+                    rows_by_blocks(w0, w1, sw, XT, Mp, K, blocks, blocked);
+                    for (int64_t b = 0; b < blocks; b++) {
+                        const int64_t left = rows - 32 * b, rows0 = left < 16 ? left : 16;
+                        const int64_t rows1 = left - 16 < 16 ? left - 16 : 16;
+                        finish_tile(blocked[b][0], c0 + 32 * b, rows0, n0, &e);
+                        if (rows1 > 0) finish_tile(blocked[b][1], c0 + 32 * b + 16, rows1, n0, &e);
+                        finish_tile(blocked[b][2], c0 + 32 * b, rows0, n0 + 16, &e);
+                        if (rows1 > 0) finish_tile(blocked[b][3], c0 + 32 * b + 16, rows1, n0 + 16, &e);
+                    }
+                    m0 = blocks * 32;
+                }
+                for (; m0 < Mp; m0 += 32) {
                     const int two_x = Mp - m0 >= 32;
                     const uint32_t* x = XT + m0;
                     _tile_zero(0);
@@ -283,4 +355,5 @@ void registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint1
         _tile_release();
         if (N16 < N) tail_outputs(X, M, ldx, W, N16, N, K, ldw, &e);
     }
+    return 0;
 }
