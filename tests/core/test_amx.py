@@ -1,0 +1,173 @@
+"""The AMX bfloat16 linear kernel (registry.amx): its build and status, its numbers against a float64
+truth for every shape class the kernel treats apart (one row, row tiles, row chunks, k chunks, outputs that
+do not fill a tile), and registry.fused routing bfloat16 layers to it without a packed copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from registry import amx, fused
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+CAPABLE = {"amx_bf16", "amx_tile", "avx512_bf16"} <= _cpu_flags() and shutil.which(os.environ.get("CC") or "cc")
+needs_kernel = pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
+
+
+def test_the_kernel_is_ready_wherever_the_cpu_and_a_compiler_allow_it():
+    status = amx.status()
+    assert isinstance(status.reason, str) and status.reason
+    if CAPABLE:  # a build or check failure on a capable machine is a bug, not a skip
+        assert status.ready, status.reason
+        assert status.library and Path(status.library).exists()
+        assert fused.kernels()["amx-bf16"] == "ready"
+    else:
+        assert not status.ready and fused.kernels()["amx-bf16"] == status.reason
+
+
+def _status_in_a_fresh_process(env: dict[str, str]) -> str:
+    code = "from registry import amx; s = amx.status(); print(s.ready, s.reason)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_turned_off_by_the_environment_says_so():
+    assert _status_in_a_fresh_process({"REGISTRY_AMX": "0"}) == "False turned off by REGISTRY_AMX=0"
+
+
+def test_a_missing_compiler_is_reported_not_hidden():
+    out = _status_in_a_fresh_process({"CC": "no-such-compiler-xyz"})
+    assert out.startswith("False no C compiler 'no-such-compiler-xyz'")
+
+
+@pytest.mark.skipif(not CAPABLE, reason="builds only where the CPU has AMX and there is a compiler")
+def test_builds_into_the_cache_directory_it_is_given(tmp_path):
+    out = _status_in_a_fresh_process({"REGISTRY_CACHE_DIR": str(tmp_path)})
+    assert out == "True ready"
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+def _truth(x, w, b, r, activation):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation is not None:
+        y = fused.ACTIVATIONS[activation](y)
+    return y if r is None else y + r.double()
+
+
+SHAPES = [  # (rows, out_features, in_features): what each exercises
+    (1, 48, 64),  # a decode step: one row, packed rows padded to a tile
+    (3, 37, 96),  # outputs past the last full tile of 16 (AVX-512 tail)
+    (8, 250, 32),  # one k tile; a lone 16-output block after the 32-wide ones
+    (40, 64, 128),  # row tiles in blocks of 32 and a last block of 16
+    (130, 80, 64),  # two row chunks of the kernel's 128 rows
+    (64, 32, 4096),  # k chunks of 256
+    (200, 96, 320),  # k not a multiple of the chunk, rows across chunks
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
+@pytest.mark.parametrize("activation", list(amx.ACTIVATIONS))
+def test_matches_a_float64_truth_to_bfloat16_rounding(shape, activation):
+    rows, out_features, in_features = shape
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    w = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16()
+    r = torch.randn(rows, out_features, generator=g).bfloat16()
+    for bias, residual in ((b, r), (None, None), (b, None)):
+        truth = _truth(x, w, bias, residual, activation)
+        got = amx.linear(x, w, bias, residual=residual, activation=activation)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+        # one rounding to bfloat16 (8 bits) after float32 accumulation
+        error = (got.double() - truth).abs()
+        assert bool((error <= 2**-7 * truth.abs() + 1e-3).all()), float(error.max())
+        # and no worse than PyTorch's own bfloat16 linear followed by the same steps
+        plain = _truth(x, w, bias, None, None).bfloat16()
+        plain = fused.ACTIVATIONS[activation](plain) if activation else plain
+        plain = plain if residual is None else plain + residual
+        assert float(error.max()) <= 2 * float((plain.double() - truth).abs().max()) + 1e-3
+
+
+@needs_kernel
+def test_writes_a_column_slice_and_reads_strided_rows_without_touching_the_rest():
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(5, 96, generator=g).bfloat16()
+    x = wide[:, 16:80]  # rows 96 apart, 64 contiguous values each
+    w = torch.randn(40, 64, generator=g).bfloat16()
+    out = torch.full((5, 100), 7.0, dtype=torch.bfloat16)
+    amx.linear(x, w, out=out[:, 30:70])
+    assert torch.equal(out[:, :30], torch.full((5, 30), 7.0, dtype=torch.bfloat16))
+    assert torch.equal(out[:, 70:], torch.full((5, 30), 7.0, dtype=torch.bfloat16))
+    truth = F.linear(x.double(), w.double())
+    assert float((out[:, 30:70].double() - truth).abs().max()) <= 2**-7 * float(truth.abs().max())
+
+
+@needs_kernel
+def test_no_rows_give_an_empty_result():
+    got = amx.linear(torch.empty(0, 64, dtype=torch.bfloat16), torch.randn(16, 64).bfloat16())
+    assert got.shape == (0, 16)
+
+
+@needs_kernel
+def test_bad_operands_are_refused_with_the_rule():
+    x, w = torch.randn(2, 64).bfloat16(), torch.randn(16, 64).bfloat16()
+    with pytest.raises(ValueError, match="bfloat16 bias"):
+        amx.linear(x, w, torch.randn(16))
+    with pytest.raises(ValueError, match="bfloat16 residual"):
+        amx.linear(x, w, residual=torch.randn(2, 16))
+    assert not amx.supports(torch.randn(2, 48).bfloat16(), torch.randn(16, 48).bfloat16())  # k tile is 32
+    assert not amx.supports(x.float(), w.float())
+
+
+@needs_kernel
+def test_fused_linear_runs_bfloat16_on_the_kernel_without_a_packed_copy():
+    torch.manual_seed(0)
+    group = [nn.Linear(64, n).bfloat16() for n in (32, 32, 16)]
+    x = torch.randn(2, 3, 64).bfloat16()
+    residual = torch.randn(2, 3, 80).bfloat16()
+    with torch.no_grad():
+        got = fused.linear(x, group, activation="gelu_tanh", residual=residual)
+        expected = torch.cat(
+            [amx.linear(x.reshape(6, 64), layer.weight, layer.bias, activation="gelu_tanh") for layer in group], dim=1
+        ).reshape(2, 3, 80)
+    assert torch.equal(got, expected + residual) or float((got - (expected + residual)).abs().max()) <= 2**-6
+    assert group[0] not in fused._packed  # nothing packed: the kernel reads the layers' own weights
+
+
+@needs_kernel
+def test_many_rows_go_to_onednn_with_the_same_numbers(monkeypatch):
+    monkeypatch.setattr(fused, "AMX_MAX_ROWS", 4)
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48).bfloat16()
+    x = torch.randn(6, 64).bfloat16()
+    with torch.no_grad():
+        many = fused.linear(x, layer)
+        few = torch.cat([fused.linear(x[i : i + 1], layer) for i in range(6)])
+    assert float((many.float() - few.float()).abs().max()) <= 2**-6 * float(few.float().abs().max())
+    if "onednn-bf16" in fused._kernels():
+        assert layer in fused._packed
