@@ -240,3 +240,12 @@ def test_each_decode_step_builds_the_alibi_bias_once_and_projects_one_position(m
     model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
     assert len(builds) == 5  # prefill + 4 decode steps, one each for all 4 layers
     assert projected == [(2, 1, 50)] * 5  # logits of the last position only
+
+
+def test_greedy_choice_is_the_first_maximal_token_as_argmax():
+    from registry.generate import choose
+
+    scores = torch.tensor([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -1.0, -3.0]])
+    assert choose(scores, do_sample=False, generator=None).tolist() == [1, 0, 0]
+    wide = torch.randn(3, 250880).bfloat16().float()  # bfloat16 logits tie often
+    assert torch.equal(choose(wide, do_sample=False, generator=None), wide.argmax(-1))
