@@ -26,8 +26,9 @@ Cases, for float32 and bfloat16:
   tokens/s = batch * 64 / (seconds of one ``generate`` call);
   decode ms/step = (generate seconds - seconds of a prefill of the same prompt, timed separately) / 63.
 
-Roofline (``benchmarks/roofline.py`` measures the machine and holds the cost model): read bandwidth
-(median ``t.sum()`` of 1 GiB float32) and matmul rates (best of a 2048^3 GEMM and the prefill's
+Roofline (``benchmarks/roofline.py`` measures the machine and holds the cost model): memory bandwidth
+(the fastest of a median ``t.sum()`` of 1 GiB float32 and the lm_head GEMVs, ``F.linear`` per dtype and
+``registry.amx`` in bfloat16) and matmul rates (best of a 2048^3 GEMM and the prefill's
 128 x 1024 x 4096 one, per dtype) are measured at the start and at the end of the run, and the better
 figure of the two is used. With h hidden, L layers, V vocabulary, e bytes per element, B batch,
 parameters = L (12 h^2 + 13 h) + V h + 4 h (the tied embedding is the lm_head):
@@ -48,7 +49,8 @@ working memory (peak RSS during the case, after a reset through /proc/self/clear
 loading).
 
 Also reported: involuntary context switches per timed call (other work taking a core mid-call: the sign
-of a busy machine) and, with ``--profile``, torch.profiler's top ops of one batch-1 decode step.
+of a busy machine) and, with ``--profile``, torch.profiler's top ops of one batch-1 decode step and one
+prefill (the AMX kernel's calls appear as ``registry.amx.linear MxKxN``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from typing import Any
 
 import torch
 from roofline import (
+    AMX_GEMV,
     BloomShape,
     Limit,
     Machine,
@@ -356,6 +359,23 @@ def profile_decode(models: dict[str, Any], dtype: str, prompt_len: int, new_toke
     return "\n\n".join(out)
 
 
+def profile_prefill(models: dict[str, Any], dtype: str, tokens: int, vocab: int) -> str:
+    """torch.profiler over one 1 x ``tokens`` prefill, ours and the reference: top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = prompt(1, tokens, vocab)
+    out = []
+    for name in IMPLEMENTATIONS:
+        run = prompt_prefill_call(name, models[name], ids, tokens)
+        for _ in range(2):
+            run()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        out.append(f"### {name}, {dtype}, one prefill of 1 x {tokens} tokens\n\n```\n{table}\n```")
+    return "\n\n".join(out)
+
+
 # -- peak memory in fresh processes ---------------------------------------------------------------
 
 
@@ -502,7 +522,8 @@ def run_dtype(dtype: str, cases: list[Case], machine: Machine, args: argparse.Na
                 print(table_line(row), flush=True)
         if args.profile:
             result.profiles.append(profile_decode(models, dtype, args.prompt_len, args.new_tokens, result.shape.vocab))
-            print(f"{dtype}: profiled one decode step of each (in the report below)", flush=True)
+            result.profiles.append(profile_prefill(models, dtype, args.prefill_len, result.shape.vocab))
+            print(f"{dtype}: profiled one decode step and one prefill of each (in the report below)", flush=True)
     if not args.no_memory:
         for case in cases:
             result.memory[case.name] = measure_memory(folder, dtype, case, args)
@@ -600,8 +621,10 @@ def limits_table(measurements: list[Machine], used: Machine) -> str:
         line("copy bandwidth, median `dst.copy_(src)`, read + write", [m.copy_bandwidth for m in columns], "GB/s")
     )
     for dtype in used.gemv_bandwidth:
-        values = [m.gemv_bandwidth[dtype] for m in columns]
-        lines.append(line(f"lm_head GEMV weight bandwidth, {dtype}, `F.linear` of 1 row", values, "GB/s"))
+        values = [m.gemv_bandwidth.get(dtype, 0.0) for m in columns]
+        how = "`registry.amx`" if dtype == AMX_GEMV else f"{dtype}, `F.linear`"
+        lines.append(line(f"lm_head GEMV weight bandwidth, {how} of 1 row", values, "GB/s"))
+    lines.append(line("**memory bandwidth used** (the fastest of the above)", [m.memory_bandwidth for m in columns], "GB/s"))
     for dtype, rates in used.matmul_rates.items():
         for gemm in rates:
             values = [m.matmul_rates[dtype][gemm] for m in columns]
@@ -636,7 +659,7 @@ timings taken while the machine was busy."""
 
 FORMULAS = """## Roofline
 
-Each case's lower bound is max(bytes / read bandwidth, FLOPs / matmul rate); "% roofline" is that bound over
+Each case's lower bound is max(bytes / memory bandwidth, FLOPs / matmul rate); "% roofline" is that bound over
 the measured median time (100% = the machine's limit). The limits are measured in the same run, at its start
 and at its end, and the roofline takes the better figure of the two (the best the machine did: a moment
 of contention on the shared machine must not lower the bar). The matmul rate is the faster of the two GEMMs.
@@ -719,7 +742,7 @@ def report(results: list[DtypeResult], measurements: list[Machine], used: Machin
     parts += ["", "## Disturbance", "", DISTURBANCE, "", disturbance(results), "", FORMULAS, NOTES]
     profiles = [p for result in results for p in result.profiles]
     if profiles:
-        parts += ["## Profile of one decode step (`--profile`)", "", *profiles, ""]
+        parts += ["## Profiles of one decode step and one prefill (`--profile`)", "", *profiles, ""]
     return "\n".join(parts)
 
 
@@ -811,7 +834,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--prefill-rounds", type=int, default=10, help="timed prefill calls per implementation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--profile", action="store_true", help="profile one decode step of each side, batch 1")
+    parser.add_argument("--profile", action="store_true", help="profile one batch-1 decode step and one prefill of each side")
     parser.add_argument("--write", type=Path, default=None, help="write the report as markdown to this file")
     parser.add_argument("--plot", type=Path, default=None, help="save a figure (png) to this file")
     parser.add_argument("--json", type=Path, default=None, help="dump the raw samples and limits to this file")

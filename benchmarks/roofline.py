@@ -8,7 +8,10 @@ Machine (measured, nothing assumed):
 - read bandwidth: median over repeats of ``t.sum()`` of a 1 GiB float32 tensor, bytes / s;
 - copy bandwidth: median of ``dst.copy_(src)``, 1 GiB each, (read + written bytes) / s; reported only;
 - GEMV bandwidth: weight bytes / s of ``x @ W^T`` with x 1 x hidden and W vocab x hidden (the lm_head of a
-  decode step) in each dtype; reported only, to show what a plain kernel reaches;
+  decode step) in each dtype through ``F.linear``, and in bfloat16 through this library's AMX kernel
+  (``registry.amx``) where it is ready;
+- memory bandwidth, the roofline's: the fastest of the read and GEMV bandwidths (a weight-streaming kernel
+  can read faster than ``t.sum()``; the bound is what the machine was seen to do);
 - matmul rate per dtype: best of several ``a @ b`` over a 2048 x 2048 x 2048 GEMM and over the prefill's
   largest GEMM (128 x hidden by 4 * hidden x hidden); the roofline takes the faster of the two.
 
@@ -37,6 +40,7 @@ import torch
 
 GIB = 2**30
 SQUARE = 2048
+AMX_GEMV = "bfloat16, registry.amx"  # the gemv_bandwidth key of the AMX kernel's figure
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,17 @@ class Machine:
     def matmul_rate(self, dtype: str) -> float:
         return max(self.matmul_rates[dtype].values())
 
+    @property
+    def memory_bandwidth(self) -> float:
+        """The roofline's bandwidth: the fastest read seen (a plain sum, or a GEMV streaming its weight)."""
+        return max(self.read_bandwidth, *self.gemv_bandwidth.values())
+
     def best(self, other: Machine) -> Machine:
         """The better of two measurements, figure by figure: a limit is the best the machine did."""
         return Machine(
             read_bandwidth=max(self.read_bandwidth, other.read_bandwidth),
             copy_bandwidth=max(self.copy_bandwidth, other.copy_bandwidth),
-            gemv_bandwidth={k: max(v, other.gemv_bandwidth[k]) for k, v in self.gemv_bandwidth.items()},
+            gemv_bandwidth={k: max(v, other.gemv_bandwidth.get(k, v)) for k, v in self.gemv_bandwidth.items()},
             matmul_rates={
                 dtype: {gemm: max(rate, other.matmul_rates[dtype][gemm]) for gemm, rate in rates.items()}
                 for dtype, rates in self.matmul_rates.items()
@@ -137,7 +146,7 @@ def decode_cost(shape: BloomShape, *, batch: int, key_length: int, dtype: str) -
 
 
 def limit(cost: Cost, machine: Machine, dtype: str) -> Limit:
-    memory = cost.bytes / machine.read_bandwidth
+    memory = cost.bytes / machine.memory_bandwidth
     compute = cost.flops / machine.matmul_rate(dtype)
     return Limit(max(memory, compute), memory, compute)
 
@@ -186,6 +195,18 @@ def gemv_bandwidth(dtype: str, *, rows: int, hidden: int, repeats: int = 10) -> 
     return weight.numel() * weight.element_size() / seconds
 
 
+def amx_gemv_bandwidth(*, rows: int, hidden: int, repeats: int = 10) -> float | None:
+    """Like :func:`gemv_bandwidth` in bfloat16, through ``registry.amx`` (None where it is not ready)."""
+    from registry import amx
+
+    if not amx.ready():
+        return None
+    weight = torch.randn(rows, hidden).bfloat16()
+    x = torch.randn(1, hidden).bfloat16()
+    seconds = statistics.median(_times(lambda: amx.linear(x, weight), repeats))
+    return weight.numel() * weight.element_size() / seconds
+
+
 def matmul_rate(dtype: str, m: int, k: int, n: int, repeats: int) -> float:
     """Best FLOP / s of (m x k) @ (k x n), the weight given as nn.Linear holds it (n x k)."""
     a = torch.randn(m, k).to(getattr(torch, dtype))
@@ -202,9 +223,14 @@ def measure(dtypes: list[str], *, hidden: int, vocab: int, prefill_rows: int) ->
         }
         for dtype in dtypes
     }
+    gemv = {dtype: gemv_bandwidth(dtype, rows=vocab, hidden=hidden) for dtype in dtypes}
+    if "bfloat16" in dtypes:
+        amx_rate = amx_gemv_bandwidth(rows=vocab, hidden=hidden)
+        if amx_rate is not None:
+            gemv[AMX_GEMV] = amx_rate
     return Machine(
         read_bandwidth=read_bandwidth(),
         copy_bandwidth=copy_bandwidth(),
-        gemv_bandwidth={dtype: gemv_bandwidth(dtype, rows=vocab, hidden=hidden) for dtype in dtypes},
+        gemv_bandwidth=gemv,
         matmul_rates=rates,
     )

@@ -203,6 +203,14 @@ def run(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
     """:func:`linear` without its checks, for callers that made them (``code``: ACTIVATIONS[activation]).
     Every tensor's rows must be contiguous; the kernel must be ready."""
     rows, in_features = x.shape
+    if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
+        with torch.profiler.record_function(f"registry.amx.linear {rows}x{in_features}x{weight.shape[0]}"):
+            return _call(x, weight, bias, residual, out, code)
+    _call(x, weight, bias, residual, out, code)
+
+
+def _call(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tensor, code: int) -> None:
+    rows, in_features = x.shape
     failed = _library.registry_linear_bf16(  # type: ignore[union-attr]
         x.data_ptr(), rows, x.stride(0),
         weight.data_ptr(), weight.shape[0], in_features, weight.stride(0),
