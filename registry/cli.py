@@ -87,6 +87,12 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
             detail = r["error"] if r["status"] != "ok" else _capability_summary(r["capabilities"])
             rows.append([kind, r["name"], (r["status"], _STATUS_STYLE.get(r["status"], "")), provider, detail])
     console.print(console.table(["kind", "name", "status", "provider", "capabilities"], rows))
+    from registry import fused
+
+    kernels = [[name, (state, "green" if state == "ready" else "")] for name, state in fused.kernels().items()]
+    console.print("")
+    console.print(console.style("CPU kernels for linear layers (registry.fused; see docs/architecture.md)", "bold"))
+    console.print(console.table(["kernel", "status"], kernels))
     return 0
 
 

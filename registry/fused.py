@@ -176,6 +176,7 @@ def _amx_linear(
     ):
         return None
     operands = []
+    leading = x.shape[:-1]
     for layer in group:
         weight, bias = layer.weight, layer.bias
         if (
@@ -187,12 +188,13 @@ def _amx_linear(
         ):
             return None
         operands.append((weight, bias))
-    leading = x.shape[:-1]
+    out_features = sum(weight.shape[0] for weight, _ in operands)
+    if residual is not None and residual.shape != (*leading, out_features):
+        return None  # a broadcast residual: the kernel reads one residual row per output row
     x2 = x.reshape(-1, in_features)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     code = amx.ACTIVATIONS[activation]
-    out_features = sum(weight.shape[0] for weight, _ in operands)
     y = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
     r2 = None if residual is None else residual.reshape(-1, out_features)
     if len(operands) == 1:

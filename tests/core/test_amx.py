@@ -171,3 +171,16 @@ def test_many_rows_go_to_onednn_with_the_same_numbers(monkeypatch):
     assert float((many.float() - few.float()).abs().max()) <= 2**-6 * float(few.float().abs().max())
     if "onednn-bf16" in fused._kernels():
         assert layer in fused._packed
+
+
+@needs_kernel
+def test_a_broadcast_residual_is_added_to_every_row():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48).bfloat16()
+    x = torch.randn(5, 64).bfloat16()
+    residual = torch.randn(48).bfloat16()  # one row for all: not the kernel's (rows, out) residual
+    with torch.no_grad():
+        got = fused.linear(x, layer, residual=residual)
+        truth = F.linear(x.double(), layer.weight.double(), layer.bias.double()) + residual.double()
+    assert got.shape == (5, 48)
+    assert float((got.double() - truth).abs().max()) <= 2**-6 * float(truth.abs().max())

@@ -71,6 +71,10 @@ def test_list_is_a_plain_table_when_piped(capsys):
     table = lines(out)
     assert table[0] == "kind name status provider capabilities"
     assert any(line.startswith("attention sdpa ok registry-transformers") for line in table)
+    from registry import fused
+
+    kernels = table[table.index("kernel status") + 1 :]
+    assert kernels == [f"{name} {state}" for name, state in fused.kernels().items()]
     assert main(["list", "--json"]) == 0
     catalog = json.loads(capsys.readouterr().out)
     assert any(r["name"] == "sdpa" and r["status"] == "ok" for r in catalog["attention"])
