@@ -8,7 +8,8 @@ and a prompt's hundreds of rows (AMX throughput). :mod:`registry.fused` routes b
 when :func:`status` says the kernel is ready.
 
 The kernel is built with the C compiler (``$CC``, else ``cc``) into ``$REGISTRY_CACHE_DIR`` (default
-``~/.cache/registry-transformers``), once per source, flags and compiler, and checked against
+``~/.cache/registry-transformers``, or a folder in the temporary directory where that is not writable),
+once per source, flags and compiler, and checked against
 ``F.linear`` on small inputs before it is used. It is not used (and :func:`status` says why) when the CPU
 lacks AMX-BF16 or AVX512-BF16, the platform is not x86-64 Linux, no compiler is found, the build or the
 check fails, or ``REGISTRY_AMX=0`` is set. Those cases run oneDNN's kernels, as before, with the same
@@ -54,8 +55,14 @@ class Status:
     library: str | None = None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("REGISTRY_CACHE_DIR") or Path.home() / ".cache" / "registry-transformers")
+def _cache_dirs() -> list[Path]:
+    """Where the built kernel may go: $REGISTRY_CACHE_DIR alone when set; else the user's cache, then a
+    folder in the temporary directory (for a read-only home, as in some containers)."""
+    chosen = os.environ.get("REGISTRY_CACHE_DIR")
+    if chosen:
+        return [Path(chosen)]
+    user = f"registry-transformers-{os.getuid()}" if hasattr(os, "getuid") else "registry-transformers"
+    return [Path.home() / ".cache" / "registry-transformers", Path(tempfile.gettempdir()) / user]
 
 
 def _compiler_version(cc: str) -> str:
@@ -67,7 +74,16 @@ def _build(cc: str) -> Path:
     """Compile the kernel unless this source, these flags and this compiler were built before."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"amx_linear-{key}.so"
+    failures = []
+    for folder in _cache_dirs():
+        try:
+            return _build_into(folder / f"amx_linear-{key}.so", cc)
+        except OSError as error:  # an unwritable folder (read-only, not a directory): try the next one
+            failures.append(f"{folder}: {error.strerror or error}")
+    raise OSError(f"no writable folder for the built kernel ({'; '.join(failures)}); set REGISTRY_CACHE_DIR")
+
+
+def _build_into(target: Path, cc: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

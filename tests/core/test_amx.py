@@ -69,6 +69,28 @@ def test_builds_into_the_cache_directory_it_is_given(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
 
 
+@pytest.mark.skipif(not CAPABLE, reason="builds only where the CPU has AMX and there is a compiler")
+def test_an_unusable_home_falls_back_to_the_temporary_directory(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("a file where the home folder should be")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    out = _status_in_a_fresh_process({"HOME": str(home), "TMPDIR": str(temporary), "REGISTRY_CACHE_DIR": ""})
+    assert out == "True ready"
+    assert [p.suffix for p in next(temporary.iterdir()).iterdir()] == [".so"]
+
+
+def test_an_unusable_cache_directory_that_was_asked_for_is_reported(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    out = _status_in_a_fresh_process({"REGISTRY_CACHE_DIR": str(blocked / "kernels"), "CC": "cc"})
+    if CAPABLE:
+        assert out.startswith("False the kernel did not build or load: no writable folder")
+        assert "set REGISTRY_CACHE_DIR" in out
+    else:
+        assert out.startswith("False")
+
+
 def _truth(x, w, b, r, activation):
     y = F.linear(x.double(), w.double(), None if b is None else b.double())
     if activation == "gelu_tanh":
