@@ -130,6 +130,7 @@ def status() -> Status:
         path = _build(cc)
         library = _bind(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("the AMX linear kernel did not build or load; bfloat16 runs on oneDNN: %s", error)
         return Status(False, f"the kernel did not build or load: {error}")
     if not library.registry_amx_ready():
         return Status(False, "this CPU lacks AMX-BF16 or AVX512-BF16, or the OS refused the tile registers", str(path))
@@ -137,6 +138,7 @@ def status() -> Status:
     problem = _self_check()
     if problem:
         _library = None
+        log.warning("the AMX linear kernel failed its check; bfloat16 runs on oneDNN: %s", problem)
         return Status(False, f"the kernel failed its check against F.linear: {problem}", str(path))
     log.debug("AMX linear kernel ready: %s", path)
     return Status(True, "ready", str(path))
