@@ -624,7 +624,9 @@ def limits_table(measurements: list[Machine], used: Machine) -> str:
         values = [m.gemv_bandwidth.get(dtype, 0.0) for m in columns]
         how = "`registry.amx`" if dtype == AMX_GEMV else f"{dtype}, `F.linear`"
         lines.append(line(f"lm_head GEMV weight bandwidth, {how} of 1 row", values, "GB/s"))
-    lines.append(line("**memory bandwidth used** (the fastest of the above)", [m.memory_bandwidth for m in columns], "GB/s"))
+    lines.append(
+        line("**memory bandwidth used** (the fastest of the above)", [m.memory_bandwidth for m in columns], "GB/s")
+    )
     for dtype, rates in used.matmul_rates.items():
         for gemm in rates:
             values = [m.matmul_rates[dtype][gemm] for m in columns]
@@ -834,7 +836,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--prefill-rounds", type=int, default=10, help="timed prefill calls per implementation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--profile", action="store_true", help="profile one batch-1 decode step and one prefill of each side")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one batch-1 decode step and one prefill of each side"
+    )
     parser.add_argument("--write", type=Path, default=None, help="write the report as markdown to this file")
     parser.add_argument("--plot", type=Path, default=None, help="save a figure (png) to this file")
     parser.add_argument("--json", type=Path, default=None, help="dump the raw samples and limits to this file")

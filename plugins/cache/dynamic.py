@@ -52,7 +52,9 @@ class DynamicCache(KVCache):
 
     def shrink(self) -> None:
         """Give back the spare room: each buffer becomes exactly as long as its tokens."""
-        self._keys = [None if k is None else k[:, :, :n].clone() for k, n in zip(self._keys, self._lengths, strict=True)]
+        self._keys = [
+            None if k is None else k[:, :, :n].clone() for k, n in zip(self._keys, self._lengths, strict=True)
+        ]
         self._values = [
             None if v is None else v[:, :, :n].clone() for v, n in zip(self._values, self._lengths, strict=True)
         ]
@@ -89,6 +91,8 @@ def _grown(old: Tensor | None, new: Tensor, length: int, needed: int) -> Tensor:
     if old is not None and length:
         buffer[:, :, :length] = old[:, :, :length]
     return buffer
+
+
 class DynamicCachePlugin(CachePlugin):
     name = "dynamic"
     capabilities = CacheCapabilities(fixed_shape=False, priority=10)
