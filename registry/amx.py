@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,7 +171,10 @@ def _reference_activation(y: Tensor, activation: str | None) -> Tensor:
         return y
     if activation == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
-    return {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}[activation](y)
+    functions: dict[str, Callable[[Tensor], Tensor]] = {
+        "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh
+    }  # fmt: skip
+    return functions[activation](y)
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:

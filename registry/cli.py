@@ -89,7 +89,9 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     console.print(console.table(["kind", "name", "status", "provider", "capabilities"], rows))
     from registry import fused
 
-    kernels = [[name, (state, "green" if state == "ready" else "")] for name, state in fused.kernels().items()]
+    kernels: list[list[Cell]] = [
+        [name, (state, "green" if state == "ready" else "")] for name, state in fused.kernels().items()
+    ]
     console.print("")
     console.print(console.style("CPU kernels for linear layers (registry.fused; see docs/architecture.md)", "bold"))
     console.print(console.table(["kernel", "status"], kernels))
