@@ -71,6 +71,18 @@ def _compiler_version(cc: str) -> str:
     return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else cc
 
 
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` (mode 0700) or check an existing one: a library found there is loaded into this
+    process, so the folder must be this user's and writable by no one else (a shared temporary directory
+    could otherwise hand us another user's file)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(f"{folder} belongs to another user")
+    if info.st_mode & 0o022:
+        raise PermissionError(f"{folder} is writable by other users")
+
+
 def _build(cc: str) -> Path:
     """Compile the kernel unless this source, these flags and this compiler were built before."""
     source = SOURCE.read_bytes()
@@ -85,9 +97,9 @@ def _build(cc: str) -> Path:
 
 
 def _build_into(target: Path, cc: str) -> Path:
+    _private_folder(target.parent)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         done = subprocess.run(
@@ -108,12 +120,12 @@ def _bind(path: Path) -> ctypes.CDLL:
         pointer, integer, integer,  # X, M, ldx
         pointer, integer, integer, integer,  # W, N, K, ldw
         pointer, pointer, integer,  # bias, R, ldr
-        pointer, integer, ctypes.c_int,  # Y, ldy, activation
+        pointer, integer, ctypes.c_int, ctypes.c_int,  # Y, ldy, activation, threads
     ]  # fmt: skip
     return library
 
 
-_library: ctypes.CDLL | None = None
+_library: ctypes.CDLL | None = None  # set once the kernel has passed its check
 
 
 @functools.cache
@@ -135,12 +147,11 @@ def status() -> Status:
         return Status(False, f"the kernel did not build or load: {error}")
     if not library.registry_amx_ready():
         return Status(False, "this CPU lacks AMX-BF16 or AVX512-BF16, or the OS refused the tile registers", str(path))
-    _library = library
-    problem = _self_check()
+    problem = _self_check(library)
     if problem:
-        _library = None
         log.warning("the AMX linear kernel failed its check; bfloat16 runs on oneDNN: %s", problem)
         return Status(False, f"the kernel failed its check against F.linear: {problem}", str(path))
+    _library = library  # published only now: no caller sees an unchecked kernel
     log.debug("AMX linear kernel ready: %s", path)
     return Status(True, "ready", str(path))
 
@@ -149,9 +160,14 @@ def ready() -> bool:
     return status().ready
 
 
-def _self_check() -> str | None:
+# (rows, out_features, in_features) of the check: one row; a transposed tile with an output tail; two row
+# chunks; k chunks of 256 with a remainder on the row-block path
+_CHECK_SHAPES = ((1, 48, 64), (19, 37, 96), (150, 64, 32), (70, 32, 544))
+
+
+def _self_check(library: ctypes.CDLL) -> str | None:
     generator = torch.Generator().manual_seed(0)
-    for rows, out_features, in_features in ((1, 48, 64), (19, 37, 96), (150, 64, 32)):
+    for rows, out_features, in_features in _CHECK_SHAPES:
         x = torch.randn(rows, in_features, generator=generator).bfloat16()
         w = (torch.randn(out_features, in_features, generator=generator) / in_features**0.5).bfloat16()
         b = torch.randn(out_features, generator=generator).bfloat16()
@@ -159,8 +175,9 @@ def _self_check() -> str | None:
         exact = F.linear(x.double(), w.double(), b.double())
         for activation in ACTIVATIONS:
             expected = _reference_activation(exact, activation) + r.double()
-            got = linear(x, w, b, residual=r, activation=activation).double()
-            error = ((got - expected).abs() / (expected.abs() + 1e-2)).max().item()
+            got = torch.empty(rows, out_features, dtype=torch.bfloat16)
+            _call(library, x, w, b, r, got, ACTIVATIONS[activation])
+            error = ((got.double() - expected).abs() / (expected.abs() + 1e-2)).max().item()
             if not error < 2**-6:
                 return f"{rows}x{in_features} @ {out_features}, activation {activation}: relative error {error:.3g}"
     return None
@@ -178,8 +195,9 @@ def _reference_activation(y: Tensor, activation: str | None) -> Tensor:
 
 
 def supports(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`linear` takes these operands (bfloat16 on the CPU, rows contiguous, in_features a
-    multiple of K_MULTIPLE); the kernel must also be :func:`ready`."""
+    """Whether :func:`linear` takes these operands: bfloat16 on the CPU, a 2-d weight with contiguous rows,
+    in_features a positive multiple of K_MULTIPLE and equal to x's last dimension. The kernel must also be
+    :func:`ready`."""
     return (
         x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
@@ -187,6 +205,7 @@ def supports(x: Tensor, weight: Tensor) -> bool:
         and weight.device.type == "cpu"
         and weight.dim() == 2
         and weight.stride(1) == 1
+        and weight.shape[1] > 0
         and weight.shape[1] % K_MULTIPLE == 0
         and x.shape[-1] == weight.shape[1]
     )
@@ -201,44 +220,79 @@ def linear(
     activation: str | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """``activation(x @ weight^T + bias) + residual`` for a 2-d x (rows contiguous) on the AMX kernel.
+    """``activation(x @ weight^T + bias) + residual`` on the AMX kernel, for a 2-d x (rows, in_features).
 
-    ``out`` (rows contiguous) receives the result, e.g. a column slice of a wider output. The caller
-    checks :func:`ready` and :func:`supports`; bias and residual must be bfloat16 (residual (rows, out),
-    rows contiguous).
+    Args:
+        x, weight: see :func:`supports`.
+        bias: (out_features,) bfloat16, or None.
+        residual: (rows, out_features) bfloat16 with contiguous rows, or None.
+        activation: a key of :data:`ACTIVATIONS`.
+        out: (rows, out_features) bfloat16 with contiguous rows (e.g. a column slice of a wider output),
+            or None for a new tensor.
+
+    Raises:
+        RuntimeError: the kernel is not ready here (the message says why).
+        ValueError: an operand the kernel does not take, named with what it needs.
     """
-    if _library is None:
+    if _library is None and not status().ready:
         raise RuntimeError(f"the AMX kernel is not ready: {status().reason}")
+    if x.dim() != 2 or not supports(x, weight):
+        raise ValueError(
+            f"the AMX kernel takes a 2-d bfloat16 CPU x and a bfloat16 CPU weight with contiguous rows, "
+            f"in_features a positive multiple of {K_MULTIPLE}; got x {tuple(x.shape)} {x.dtype} on {x.device}, "
+            f"weight {tuple(weight.shape)} {weight.dtype} on {weight.device}, strides {weight.stride()}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {list(ACTIVATIONS)}")
+    rows, out_features = x.shape[0], weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
+    _check_operand("bias", bias, (out_features,), unit_stride=0)
+    _check_operand("residual", residual, (rows, out_features), unit_stride=1)
     if out is None:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    if bias is not None and (bias.dtype != torch.bfloat16 or bias.stride(0) != 1):
-        raise ValueError("the AMX kernel takes a contiguous bfloat16 bias")
-    if residual is not None and (residual.dtype != torch.bfloat16 or residual.stride(1) != 1):
-        raise ValueError("the AMX kernel takes a bfloat16 residual with contiguous rows")
+        out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    else:
+        _check_operand("out", out, (rows, out_features), unit_stride=1)
     run(x, weight, bias, residual, out, ACTIVATIONS[activation])
     return out
 
 
+def _check_operand(name: str, t: Tensor | None, shape: tuple[int, ...], unit_stride: int) -> None:
+    if t is None:
+        return
+    if t.dtype != torch.bfloat16 or t.device.type != "cpu" or tuple(t.shape) != shape or t.stride(unit_stride) != 1:
+        raise ValueError(
+            f"the AMX kernel takes {name} as a bfloat16 CPU tensor of shape {shape} whose last dimension is "
+            f"contiguous; got {tuple(t.shape)} {t.dtype} on {t.device}, strides {t.stride()}"
+        )
+
+
 def run(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tensor, code: int) -> None:
     """:func:`linear` without its checks, for callers that made them (``code``: ACTIVATIONS[activation]).
-    Every tensor's rows must be contiguous; the kernel must be ready."""
-    rows, in_features = x.shape
+    Every tensor's rows must be contiguous and its shape right; the kernel must be ready."""
     if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
-        with torch.profiler.record_function(f"registry.amx.linear {rows}x{in_features}x{weight.shape[0]}"):
-            return _call(x, weight, bias, residual, out, code)
-    _call(x, weight, bias, residual, out, code)
+        name = f"registry.amx.linear {x.shape[0]}x{x.shape[1]}x{weight.shape[0]}"
+        with torch.profiler.record_function(name):
+            return _call(_library, x, weight, bias, residual, out, code)  # type: ignore[arg-type]
+    _call(_library, x, weight, bias, residual, out, code)  # type: ignore[arg-type]
 
 
-def _call(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, out: Tensor, code: int) -> None:
+def _call(
+    library: ctypes.CDLL,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    out: Tensor,
+    code: int,
+) -> None:
     rows, in_features = x.shape
-    failed = _library.registry_linear_bf16(  # type: ignore[union-attr]
+    failed = library.registry_linear_bf16(
         x.data_ptr(), rows, x.stride(0),
         weight.data_ptr(), weight.shape[0], in_features, weight.stride(0),
         None if bias is None else bias.data_ptr(),
         None if residual is None else residual.data_ptr(), 0 if residual is None else residual.stride(0),
-        out.data_ptr(), out.stride(0), code,
+        out.data_ptr(), out.stride(0), code, torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError(f"the AMX kernel could not allocate {in_features * 256} bytes of scratch memory")

@@ -172,7 +172,7 @@ def _amx_linear(
         or x.numel() >= AMX_MAX_ROWS * in_features
         or torch.is_grad_enabled()
         or "amx-bf16" not in _kernels()
-        or (residual is not None and residual.dtype is not torch.bfloat16)
+        or (residual is not None and (residual.dtype is not torch.bfloat16 or not residual.is_cpu))
     ):
         return None
     operands = []
@@ -184,7 +184,7 @@ def _amx_linear(
             or not weight.is_cpu
             or weight.shape[1] != in_features
             or weight.stride(1) != 1
-            or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.stride(0) != 1))
+            or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.stride(0) != 1 or not bias.is_cpu))
         ):
             return None
         operands.append((weight, bias))

@@ -33,11 +33,21 @@ class DynamicCache(KVCache):
         return [None if v is None else v[:, :, :n] for v, n in zip(self._values, self._lengths, strict=True)]
 
     def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if key.shape[2] != value.shape[2]:
+            raise ValueError(f"keys hold {key.shape[2]} new tokens but values {value.shape[2]}: they must match")
         keys, values, length = self._keys[layer], self._values[layer], self._lengths[layer]
         end = length + key.shape[2]
-        if keys is None or values is None or end > keys.shape[2] or not _same_rows(keys, key):
-            keys = self._keys[layer] = _grown(keys, key, length, end)
-            values = self._values[layer] = _grown(values, value, length, end)
+        if (
+            keys is None
+            or values is None
+            or end > keys.shape[2]
+            or not _same_rows(keys, key)
+            or not _same_rows(values, value)
+        ):
+            # both buffers are made (or the error raised) before either is replaced: a failed update
+            # leaves the cache as it was
+            new_keys, new_values = _grown(keys, key, length, end), _grown(values, value, length, end)
+            keys, values = self._keys[layer], self._values[layer] = new_keys, new_values
         keys[:, :, length:end] = key
         values[:, :, length:end] = value
         self._lengths[layer] = end
@@ -68,7 +78,7 @@ class DynamicCache(KVCache):
 
 def _same_rows(buffer: Tensor, new: Tensor) -> bool:
     """Whether ``new`` (B, H, T, D) can be written into ``buffer`` (same batch, heads, head size, dtype,
-    device); otherwise the buffer is replaced, and the write below raises as a concatenation would."""
+    device); otherwise :func:`_grown` makes a new buffer, or refuses when tokens are already held."""
     return (
         buffer.shape[:2] == new.shape[:2]
         and buffer.shape[3] == new.shape[3]

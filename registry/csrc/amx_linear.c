@@ -6,11 +6,12 @@
    pairs of k along its rows (the tile layout of the B operand). One kernel serves a decode step (M = 1:
    streamed at close to the memory bandwidth) and a prompt (M in the hundreds: AMX throughput).
 
-   Threads: OpenMP, the runtime PyTorch itself loads (libgomp.so.1), so torch.set_num_threads applies.
+   Threads: OpenMP, the runtime PyTorch itself loads (libgomp.so.1), as many as torch.get_num_threads() says.
    Built by registry/amx.py with gcc on first use; see docs/architecture.md. */
 #include <cpuid.h>
 #include <immintrin.h>
 #include <stdint.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -63,7 +64,8 @@ static inline __m512 load_bf16_masked(const uint16_t* p, __mmask16 mask) {
 
 /* exp(x) by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (relative error ~1e-7) */
 static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    /* clamped to a finite range; NaN stays NaN (max/min return their second operand when one is NaN) */
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -91,7 +93,7 @@ static inline __m512 sigmoid_ps(__m512 x) { /* exp_ps is finite, so 1 + exp(-x) 
 
 /* erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7) */
 static inline __m512 erf_ps(__m512 x) {
-    const __m512 z = _mm512_min_ps(_mm512_abs_ps(x), _mm512_set1_ps(10.0f)), one = _mm512_set1_ps(1.0f);
+    const __m512 z = _mm512_min_ps(_mm512_set1_ps(10.0f), _mm512_abs_ps(x)), one = _mm512_set1_ps(1.0f);
     const __m512 t = reciprocal_ps(_mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), one));
     __m512 p = _mm512_set1_ps(1.061405429f);
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
@@ -117,11 +119,21 @@ static inline __m512 activate(__m512 v, int act) {
         return _mm512_mul_ps(v, sigmoid_ps(_mm512_add_ps(u, u)));
     }
     case ACT_RELU:
-        return _mm512_max_ps(v, _mm512_setzero_ps());
+        return _mm512_max_ps(_mm512_setzero_ps(), v); /* NaN stays NaN */
     case ACT_SILU:
         return _mm512_mul_ps(v, sigmoid_ps(v));
-    case ACT_TANH: /* 2 sigmoid(2x) - 1 */
-        return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid_ps(_mm512_add_ps(v, v)), _mm512_set1_ps(1.0f));
+    case ACT_TANH: {
+        /* 2 sigmoid(2x) - 1, which cancels for small |x|: there the series x - x^3/3 + 2x^5/15 - 17x^7/315
+           (next term below 1e-12 relative for |x| < 1/16) */
+        const __m512 large = _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid_ps(_mm512_add_ps(v, v)), _mm512_set1_ps(1.0f));
+        const __m512 v2 = _mm512_mul_ps(v, v);
+        __m512 series = _mm512_set1_ps(-17.0f / 315.0f);
+        series = _mm512_fmadd_ps(series, v2, _mm512_set1_ps(2.0f / 15.0f));
+        series = _mm512_fmadd_ps(series, v2, _mm512_set1_ps(-1.0f / 3.0f));
+        series = _mm512_fmadd_ps(_mm512_mul_ps(series, v2), v, v);
+        const __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0.0625f), _CMP_LT_OQ);
+        return _mm512_mask_blend_ps(small, large, series);
+    }
     default:
         return v;
     }
@@ -241,30 +253,57 @@ static void rows_by_blocks(const uint16_t* w0, const uint16_t* w1, int64_t sw, c
     }
 }
 
-/* the packed rows of X: one buffer per calling thread, grown to the largest K/2 x ROW_CHUNK seen (kept for
-   the thread's life, a few MiB at most) */
-static uint32_t* packed_rows(int64_t K) {
-    static __thread uint32_t* buffer = NULL;
-    static __thread int64_t capacity = 0;
-    const int64_t needed = K / 2 * ROW_CHUNK;
-    if (needed > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (size_t)needed * sizeof(uint32_t));
-        capacity = buffer ? needed : 0;
-    }
-    return buffer;
+/* the packed rows of X: one buffer per calling thread, grown to the largest K/2 x ROW_CHUNK seen, and freed
+   when the thread ends (a thread-specific key with a destructor: servers start threads per request) */
+typedef struct {
+    uint32_t* data;
+    int64_t capacity;
+} scratch_buffer;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok = 0;
+
+static void free_scratch(void* p) {
+    scratch_buffer* s = p;
+    free(s->data);
+    free(s);
 }
 
-/* Y = act(X W^T + bias) + R. Requires K % 32 == 0, rows of X, W, R, Y contiguous (strides ld*), bias and R
-   optional (NULL). Returns 0, or -1 if the scratch memory could not be allocated (nothing written). */
+static void make_scratch_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, free_scratch) == 0; }
+
+static uint32_t* packed_rows(int64_t K) {
+    pthread_once(&scratch_once, make_scratch_key);
+    if (!scratch_key_ok) return NULL;
+    scratch_buffer* s = pthread_getspecific(scratch_key);
+    if (s == NULL) {
+        s = calloc(1, sizeof *s);
+        if (s == NULL || pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    const int64_t needed = (K > 0 ? K : 2) / 2 * ROW_CHUNK;
+    if (needed > s->capacity) {
+        free(s->data);
+        s->data = aligned_alloc(64, (size_t)needed * sizeof(uint32_t));
+        s->capacity = s->data ? needed : 0;
+    }
+    return s->data;
+}
+
+/* Y = act(X W^T + bias) + R on `threads` OpenMP threads (the caller passes torch's count: OpenMP's own
+   default is per calling thread and ignores torch.set_num_threads in threads torch did not start). Requires
+   K % 32 == 0, rows of X, W, R, Y contiguous (strides ld*), bias and R optional (NULL). Returns 0, or -1 if
+   the scratch memory could not be allocated (nothing written). */
 int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t N, int64_t K,
                          int64_t ldw, const uint16_t* bias, const uint16_t* R, int64_t ldr, uint16_t* Y, int64_t ldy,
-                         int act) {
+                         int act, int threads) {
     uint32_t* const XT = packed_rows(K);
     if (XT == NULL) return -1;
     const epilogue_args e = {bias, R, ldr, Y, ldy, act};
     const int64_t N16 = N / 16 * 16, nblocks = (N16 + 31) / 32, sw = ldw * 2;
-    #pragma omp parallel
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         float acc[4][256] __attribute__((aligned(64)));
         float blocked[ROW_CHUNK / 32][4][256] __attribute__((aligned(64)));
@@ -275,7 +314,7 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
             #pragma omp for schedule(static)
             for (int64_t p = 0; p < K / 2; p++) {
                 uint32_t* out = XT + p * Mp;
-                for (int64_t m = 0; m < rows; m++) out[m] = *(const uint32_t*)(X + (c0 + m) * ldx + 2 * p);
+                for (int64_t m = 0; m < rows; m++) memcpy(&out[m], X + (c0 + m) * ldx + 2 * p, sizeof(uint32_t));
                 for (int64_t m = rows; m < Mp; m++) out[m] = 0;
             }
             #pragma omp for schedule(static)

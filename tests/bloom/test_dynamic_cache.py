@@ -66,3 +66,25 @@ def test_appending_another_batch_size_is_an_error_that_says_what_is_held():
     cache.update(0, *_kv(3, 0))
     with pytest.raises(ValueError, match=r"cannot append keys/values of shape \(3, 3, 1, 4\)"):
         cache.update(0, *_kv(1, 1, batch=3))
+
+
+def test_a_refused_update_leaves_the_cache_as_it_was():
+    cache = DynamicCache(num_layers=1)
+    k, v = _kv(MIN_CAPACITY, 0)  # a full buffer: the next token needs a new one
+    cache.update(0, k, v)
+    bad_value = torch.randn(2, 3, 1, 4, dtype=torch.float64)  # right shape, another dtype
+    with pytest.raises(ValueError, match="float64"):
+        cache.update(0, torch.randn(2, 3, 1, 4), bad_value)
+    assert cache.get_seq_length() == MIN_CAPACITY
+    assert torch.equal(cache.keys[0], k) and torch.equal(cache.values[0], v)
+    more = _kv(1, 1)
+    keys, values = cache.update(0, *more)
+    assert keys.shape[2] == values.shape[2] == MIN_CAPACITY + 1
+    assert torch.equal(values, torch.cat([v, more[1]], 2))
+
+
+def test_keys_and_values_of_different_lengths_are_refused():
+    cache = DynamicCache(num_layers=1)
+    with pytest.raises(ValueError, match="keys hold 2 new tokens but values 1"):
+        cache.update(0, torch.randn(2, 3, 2, 4), torch.randn(2, 3, 1, 4))
+    assert cache.get_seq_length() == 0

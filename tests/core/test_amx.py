@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,7 @@ SHAPES = [  # (rows, out_features, in_features): what each exercises
     (130, 80, 64),  # two row chunks of the kernel's 128 rows
     (64, 32, 4096),  # k chunks of 256
     (200, 96, 320),  # k not a multiple of the chunk, rows across chunks
+    (150, 53, 64),  # an output tail with rows across chunks
 ]
 
 
@@ -142,7 +144,8 @@ def test_writes_a_column_slice_and_reads_strided_rows_without_touching_the_rest(
     x = wide[:, 16:80]  # rows 96 apart, 64 contiguous values each
     w = torch.randn(40, 64, generator=g).bfloat16()
     out = torch.full((5, 100), 7.0, dtype=torch.bfloat16)
-    amx.linear(x, w, out=out[:, 30:70])
+    residual_rows = torch.zeros(5, 50, dtype=torch.bfloat16)
+    amx.linear(x, w, out=out[:, 30:70], residual=residual_rows[:, 5:45])  # residual rows 50 apart
     assert torch.equal(out[:, :30], torch.full((5, 30), 7.0, dtype=torch.bfloat16))
     assert torch.equal(out[:, 70:], torch.full((5, 30), 7.0, dtype=torch.bfloat16))
     truth = F.linear(x.double(), w.double())
@@ -158,12 +161,115 @@ def test_no_rows_give_an_empty_result():
 @needs_kernel
 def test_bad_operands_are_refused_with_the_rule():
     x, w = torch.randn(2, 64).bfloat16(), torch.randn(16, 64).bfloat16()
-    with pytest.raises(ValueError, match="bfloat16 bias"):
-        amx.linear(x, w, torch.randn(16))
-    with pytest.raises(ValueError, match="bfloat16 residual"):
-        amx.linear(x, w, residual=torch.randn(2, 16))
-    assert not amx.supports(torch.randn(2, 48).bfloat16(), torch.randn(16, 48).bfloat16())  # k tile is 32
-    assert not amx.supports(x.float(), w.float())
+    bad = {
+        "bias": dict(bias=torch.randn(16)),  # float32
+        "bias ": dict(bias=torch.randn(8).bfloat16()),  # too short: the kernel would read past it
+        "residual": dict(residual=torch.randn(1, 16).bfloat16()),  # one row for two
+        "out": dict(out=torch.empty(1, 16, dtype=torch.bfloat16)),  # too few rows
+        "out ": dict(out=torch.empty(2, 16)),  # float32
+        "out  ": dict(out=torch.empty(16, 2, dtype=torch.bfloat16).t()),  # rows not contiguous
+    }
+    for name, kwargs in bad.items():
+        with pytest.raises(ValueError, match=f"takes {name.strip()} as a bfloat16 CPU tensor"):
+            amx.linear(x, w, **kwargs)
+    for x_bad, w_bad in (
+        (torch.randn(2, 48).bfloat16(), torch.randn(16, 48).bfloat16()),  # k tile is 32
+        (x.float(), w.float()),
+        (x, torch.randn(16, 96).bfloat16()),  # widths differ
+        (torch.randn(2, 3, 64).bfloat16(), w),  # not 2-d
+    ):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            amx.linear(x_bad, w_bad)
+    with pytest.raises(ValueError, match="gelu_new"):
+        amx.linear(x, w, activation="gelu_new")
+    assert not amx.supports(torch.randn(2, 0).bfloat16(), torch.randn(16, 0).bfloat16())
+
+
+def test_linear_builds_the_kernel_itself_when_called_first():
+    code = (
+        "import torch; from registry import amx; "
+        "print(amx.linear(torch.ones(1, 32).bfloat16(), torch.ones(16, 32).bfloat16())[0, 0].item() "
+        "if amx.ready() else 'not ready')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("32.0" if CAPABLE else "not ready")
+
+
+@needs_kernel
+def test_nan_stays_nan_through_every_activation():
+    x = torch.zeros(2, 32).bfloat16()
+    x[0, 0] = float("nan")
+    w = torch.ones(16, 32).bfloat16()
+    for activation in amx.ACTIVATIONS:
+        got = amx.linear(x, w, activation=activation)
+        assert bool(got[0].isnan().all()), activation
+        assert not bool(got[1].isnan().any()), activation
+
+
+@needs_kernel
+def test_tanh_keeps_its_relative_precision_near_zero():
+    x = torch.tensor([[1e-30, 1e-6, 3e-6, -2e-5, 0.01, -0.05, 0.07, 0.5]]).bfloat16()
+    eye = torch.eye(8).bfloat16()
+    w = torch.zeros(8, 32).bfloat16()
+    w[:, :8] = eye
+    xin = torch.zeros(1, 32).bfloat16()
+    xin[0, :8] = x
+    got = amx.linear(xin, w, activation="tanh").double()[0]
+    truth = torch.tanh(x.double())[0]
+    assert float(((got - truth).abs() / truth.abs()).max()) <= 2**-8  # one bfloat16 rounding
+
+
+@needs_kernel
+def test_threads_calling_at_once_get_their_own_results():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 544, generator=g).bfloat16()
+    inputs = [torch.randn(rows, 544, generator=g).bfloat16() for rows in (1, 7, 40, 130)] * 3
+    expected = [amx.linear(x, w) for x in inputs]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            results[i] = amx.linear(inputs[i], w)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[i], expected[i]) for i in range(len(inputs)))
+
+
+@needs_kernel
+def test_threads_that_end_give_their_scratch_memory_back():
+    w = torch.randn(16, 16384).bfloat16()
+    x = torch.randn(128, 16384).bfloat16()  # 4 MiB of packed rows per calling thread
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def one_thread() -> None:
+        t = threading.Thread(target=lambda: amx.linear(x, w))
+        t.start()
+        t.join()
+
+    for _ in range(3):
+        one_thread()
+    before = rss()
+    for _ in range(30):
+        one_thread()
+    assert rss() - before < 40 * 2**20  # 30 threads would have kept 120 MiB
+
+
+@needs_kernel
+def test_a_shared_or_foreign_build_folder_is_not_used(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = _status_in_a_fresh_process({"REGISTRY_CACHE_DIR": str(shared)})
+    assert out.startswith("False the kernel did not build or load: no writable folder")
+    assert "writable by other users" in out
+    assert not any(shared.iterdir())
 
 
 @needs_kernel
