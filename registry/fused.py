@@ -25,7 +25,10 @@ Anywhere else (training, GPUs, float16) it is ``F.linear`` followed by the same 
 
 Packed weights (oneDNN, MKL) are cached per layer group and rebuilt when a parameter is replaced or
 changed in place; they are a second copy of those weights in the kernel's layout, made on the first call
-that needs them and held only while the layers live. :func:`disabled` turns the fast path off (A/B comparisons, tests).
+that needs them and held only while the layers live. A copy is made only if PACK_MEMORY_RESERVE of the
+machine's memory stays available after it; otherwise the group runs unpacked (the AMX kernel, else
+``F.linear``), a warning says so once, and :func:`packing` counts it. :func:`disabled` turns the fast
+path off (A/B comparisons, tests).
 """
 
 from __future__ import annotations
@@ -89,6 +92,12 @@ _row_blocks: dict[tuple[Any, ...], int] = {}
 _packed: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[tuple[Any, ...], Any]]] = (
     weakref.WeakKeyDictionary()
 )
+# a packed copy is made only if this fraction of the machine's memory stays available after it: packing is
+# lazy, and a large model's first long prompt would otherwise double its weights in memory and run out of
+# it. A group left unpacked runs on the AMX kernel (bfloat16) or F.linear, and stays unpacked until its
+# parameters change
+PACK_MEMORY_RESERVE = 0.25
+_declined_warned = False
 
 
 @contextlib.contextmanager
@@ -157,10 +166,15 @@ def _kernel_for(x: Tensor) -> str | None:
 
 
 def _amx_linear(
-    x: Tensor, group: Sequence[nn.Linear], activation: str | None, residual: Tensor | None
+    x: Tensor,
+    group: Sequence[nn.Linear],
+    activation: str | None,
+    residual: Tensor | None,
+    any_rows: bool = False,
 ) -> Tensor | None:
     """The group on the AMX kernel, each layer writing its columns of one output (no concatenated copy);
-    None where the kernel does not apply: it takes bfloat16 CPU operands, fewer than AMX_MAX_ROWS rows,
+    None where the kernel does not apply: it takes bfloat16 CPU operands, fewer than AMX_MAX_ROWS rows
+    (any number with ``any_rows``: where the packed path has no memory for its copy),
     in_features a multiple of its k tile, weights with contiguous rows. (The checks of
     :func:`registry.amx.supports`, inlined and made once: this runs for every layer of a decode step.)"""
     in_features = x.shape[-1]
@@ -169,7 +183,7 @@ def _amx_linear(
         or not _enabled
         or not x.is_cpu
         or in_features % amx.K_MULTIPLE
-        or x.numel() >= AMX_MAX_ROWS * in_features
+        or (not any_rows and x.numel() >= AMX_MAX_ROWS * in_features)
         or torch.is_grad_enabled()
         or "amx-bf16" not in _kernels()
         or (residual is not None and (residual.dtype is not torch.bfloat16 or not residual.is_cpu))
@@ -262,11 +276,43 @@ def _weights(layers: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return weight, bias
 
 
+def _memory() -> tuple[int, int] | None:
+    """(available, total) bytes of this machine's memory, from /proc/meminfo; None where it is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _affordable(nbytes: int) -> bool:
+    memory = _memory()
+    return memory is None or memory[0] - nbytes >= PACK_MEMORY_RESERVE * memory[1]
+
+
+def packing() -> dict[str, int]:
+    """What the packed copies cost now: ``packed_bytes`` held by live layers, ``packed_groups``, and
+    ``unpacked_groups`` left unpacked because the memory was not there (see PACK_MEMORY_RESERVE)."""
+    report = {"packed_bytes": 0, "packed_groups": 0, "unpacked_groups": 0}
+    for entries in list(_packed.values()):
+        for _, value in entries.values():
+            if value is None:
+                report["unpacked_groups"] += 1
+            else:
+                report["packed_groups"] += 1
+                report["packed_bytes"] += value[4]
+    return report
+
+
 def _packed_weights(
     layers: Sequence[nn.Linear], kernel: str, rows: int
-) -> tuple[Any, Tensor | None, Tensor | None, int]:
-    """(packed weight, plain weight or None, bias, out_features) for ``kernel``, cached until a parameter
-    changes. MKL packs for one row count: its entry is rebuilt when the row count changes."""
+) -> tuple[Any, Tensor | None, Tensor | None, int, int] | None:
+    """(packed weight, plain weight or None, bias, out_features, bytes held) for ``kernel``, cached until a
+    parameter changes; None if the copy would leave less than PACK_MEMORY_RESERVE of the memory available
+    (that answer is cached too). MKL packs for one row count: its entry is rebuilt when the row count
+    changes."""
+    global _declined_warned
     params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
     stamp = (kernel, rows if kernel == "mkl-fp32" else None, *((id(p), p.data_ptr(), p._version) for p in params))
     entries = _packed.setdefault(layers[0], {})
@@ -274,12 +320,28 @@ def _packed_weights(
     cached = entries.get(key)
     if cached is not None and cached[0] == stamp:
         return cached[1]
+    entries.pop(key, None)  # a stale copy is not counted against the new one
+    # the packed copy, and for MKL the concatenated plain weight it keeps beside it
+    nbytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    nbytes *= 2 if kernel == "mkl-fp32" and len(layers) > 1 else 1
+    if not _affordable(nbytes):
+        entries[key] = (stamp, None)
+        if not _declined_warned:
+            _declined_warned = True
+            available = (_memory() or (0, 0))[0]
+            log.warning(
+                "registry.fused: not packing linear weights (%.2f GB for this layer group) with %.2f GB of memory "
+                "available; such layers run unpacked, slower on large products (see registry.fused.packing())",
+                nbytes / 1e9,
+                available / 1e9,
+            )
+        return None
     weight, bias = _weights(layers)
-    value: tuple[Any, Tensor | None, Tensor | None, int]
+    value: tuple[Any, Tensor | None, Tensor | None, int, int]
     if kernel == "onednn-bf16":
-        value = (torch.ops.mkldnn._reorder_linear_weight(weight, None), None, bias, weight.shape[0])
+        value = (torch.ops.mkldnn._reorder_linear_weight(weight, None), None, bias, weight.shape[0], nbytes)
     else:  # MKL also needs the plain weight (it falls back to it for other row counts)
-        value = (torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, bias, weight.shape[0])
+        value = (torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, bias, weight.shape[0], nbytes)
     entries[key] = (stamp, value)
     return value
 
@@ -361,7 +423,11 @@ def linear(
         return _plain(x, group, activation, residual)
     leading = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    packed, weight, bias, out_features = _packed_weights(group, kernel, x2.shape[0])
+    entry = _packed_weights(group, kernel, x2.shape[0])
+    if entry is None:  # no memory for a packed copy: the AMX kernel at any row count, else the plain path
+        y = _amx_linear(x, group, activation, residual, any_rows=True)
+        return y if y is not None else _plain(x, group, activation, residual)
+    packed, weight, bias, out_features, _ = entry
     if kernel == "onednn-bf16":
         other = None
         if residual is not None and activation is None:  # fused into the GEMM's epilogue

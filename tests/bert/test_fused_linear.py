@@ -1,6 +1,6 @@
 """registry.fused.linear (the CPU inference path BERT's layers run through) against the plain
 F.linear path: same numbers in float32, bfloat16 to its rounding, row blocks, re-packing after a
-weight changes, and training untouched."""
+weight changes, no packed copy where the memory is not there, and training untouched."""
 
 from __future__ import annotations
 
@@ -114,3 +114,45 @@ def test_project_is_a_bias_free_linear(dtype, tol, rows):
         got = fused.project(x, weight)
     assert got.shape == (rows, 1, 40) and got.dtype == dtype
     assert max_diff(got, F.linear(x.float(), weight.float())) <= tol
+
+
+def _many_rows_group(dtype):
+    torch.manual_seed(0)
+    group = [nn.Linear(64, 32).to(dtype) for _ in range(3)]
+    return group, torch.randn(300, 64).to(dtype)  # above every packing threshold (256 rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_memory_for_a_packed_copy_the_layers_run_unpacked_and_say_so(monkeypatch, caplog, dtype):
+    if ("onednn-bf16" if dtype == torch.bfloat16 else "mkl-fp32") not in fused._kernels():
+        pytest.skip("no packing kernel for this dtype in this torch build")
+    monkeypatch.setattr(fused, "_memory", lambda: (3 * 2**30, 8 * 2**30))  # 3 of 8 GiB available
+    monkeypatch.setattr(fused, "PACK_MEMORY_RESERVE", 0.375)  # keep 3 GiB: no room for any copy
+    monkeypatch.setattr(fused, "_declined_warned", False)
+    group, x = _many_rows_group(dtype)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="registry.fused"):
+        got = fused.linear(x, group, activation="relu")
+        again = fused.linear(x, group, activation="relu")
+        with fused.disabled():
+            plain = fused.linear(x, group, activation="relu")
+    assert fused._packed[group[0]][tuple(id(layer) for layer in group)][1] is None
+    assert fused.packing()["unpacked_groups"] >= 1
+    assert sum("not packing linear weights" in r.getMessage() for r in caplog.records) == 1  # once
+    if dtype == torch.float32:
+        assert torch.equal(got, plain)  # F.linear itself
+    else:
+        assert max_diff(got, plain) <= 3e-2
+    assert torch.equal(got, again)
+
+
+def test_with_memory_to_spare_the_copy_is_made_and_counted(monkeypatch):
+    if "mkl-fp32" not in fused._kernels():
+        pytest.skip("no MKL packing in this torch build")
+    monkeypatch.setattr(fused, "_memory", lambda: (6 * 2**30, 8 * 2**30))
+    group, x = _many_rows_group(torch.float32)
+    with torch.no_grad():
+        fused.linear(x, group)
+    entry = fused._packed[group[0]][tuple(id(layer) for layer in group)][1]
+    assert entry is not None
+    assert entry[4] == 2 * 3 * 32 * 64 * 4  # the packed copy and the concatenated weight MKL keeps beside it
+    assert fused.packing()["packed_bytes"] >= entry[4] and fused.packing()["packed_groups"] >= 1
