@@ -211,18 +211,15 @@ def _amx_linear(
     code = amx.ACTIVATIONS[activation]
     y = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
     r2 = None if residual is None else residual.reshape(-1, out_features)
-    if len(operands) == 1:
-        if r2 is not None and r2.stride(1) != 1:
-            r2 = r2.contiguous()
-        amx.run(x2, operands[0][0], operands[0][1], r2, y, code)
-        return y.view(*leading, out_features)
     start = 0
     for weight, bias in operands:
         end = start + weight.shape[0]
-        part = None if r2 is None else r2[:, start:end]
+        whole = len(operands) == 1  # no column slices to make
+        out = y if whole else y[:, start:end]
+        part = r2 if r2 is None or whole else r2[:, start:end]
         if part is not None and part.stride(1) != 1:
             part = part.contiguous()
-        amx.run(x2, weight, bias, part, y[:, start:end], code)
+        amx.run(x2, weight, bias, part, out, code)
         start = end
     return y.view(*leading, out_features)
 

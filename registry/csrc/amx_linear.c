@@ -214,12 +214,27 @@ static void tail_outputs(const uint16_t* X, int64_t M, int64_t ldx, const uint16
     }
 }
 
+/* tiles 0-3 += (weight rows w0, w1: 16 each) x (packed rows x, x + 16: 16 each) over k in [k0, k1) */
+static inline void accumulate_2x2(const uint16_t* w0, const uint16_t* w1, int64_t sw, const uint32_t* x, int64_t Mp,
+                                  int64_t k0, int64_t k1) {
+    const int64_t sx = Mp * 4;
+    for (int64_t k = k0; k < k1; k += 32) {
+        _tile_loadd(4, w0 + k, sw);
+        _tile_loadd(6, x + k / 2 * Mp, sx);
+        _tile_loadd(5, w1 + k, sw);
+        _tile_loadd(7, x + k / 2 * Mp + 16, sx);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
 /* 32 weight rows against `blocks` full blocks of 32 packed rows of X, for more than one block: k in chunks
    of K_CHUNK, each chunk swept over all row blocks while its weight tiles stay in L1 (reloaded from L2 for
    every row block, they would halve the AMX rate); the accumulators go to `acc` between chunks */
 static void rows_by_blocks(const uint16_t* w0, const uint16_t* w1, int64_t sw, const uint32_t* XT, int64_t Mp,
                            int64_t K, int64_t blocks, float (*acc)[4][256]) {
-    const int64_t sx = Mp * 4;
     for (int64_t kc = 0; kc < K; kc += K_CHUNK) {
         const int64_t ke = kc + K_CHUNK < K ? kc + K_CHUNK : K;
         for (int64_t b = 0; b < blocks; b++) {
@@ -235,16 +250,7 @@ static void rows_by_blocks(const uint16_t* w0, const uint16_t* w1, int64_t sw, c
                 _tile_loadd(2, acc[b][2], 64);
                 _tile_loadd(3, acc[b][3], 64);
             }
-            for (int64_t k = kc; k < ke; k += 32) {
-                _tile_loadd(4, w0 + k, sw);
-                _tile_loadd(6, x + k / 2 * Mp, sx);
-                _tile_loadd(5, w1 + k, sw);
-                _tile_loadd(7, x + k / 2 * Mp + 16, sx);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
+            accumulate_2x2(w0, w1, sw, x, Mp, kc, ke);
             _tile_stored(0, acc[b][0], 64);
             _tile_stored(1, acc[b][1], 64);
             _tile_stored(2, acc[b][2], 64);
@@ -344,16 +350,7 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
                     _tile_zero(2);
                     _tile_zero(3);
                     if (two_w && two_x) {
-                        for (int64_t k = 0; k < K; k += 32) {
-                            _tile_loadd(4, w0 + k, sw);
-                            _tile_loadd(6, x + k / 2 * Mp, sx);
-                            _tile_loadd(5, w1 + k, sw);
-                            _tile_loadd(7, x + k / 2 * Mp + 16, sx);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                            _tile_dpbf16ps(2, 5, 6);
-                            _tile_dpbf16ps(3, 5, 7);
-                        }
+                        accumulate_2x2(w0, w1, sw, x, Mp, 0, K);
                     } else if (two_w) {
                         for (int64_t k = 0; k < K; k += 32) {
                             _tile_loadd(4, w0 + k, sw);
