@@ -192,6 +192,13 @@ def next_token_scores(logits: Tensor, tokens: Tensor, step: int, options: Genera
     return scores
 
 
+def _processes(step: int, options: GenerationOptions) -> bool:
+    """Whether :func:`next_token_scores` changes anything at this step but the float32 widening."""
+    penalty = options.repetition_penalty is not None and options.repetition_penalty != 1.0
+    suppressing_eos = step < options.min_new_tokens and bool(options.eos_token_ids)
+    return options.do_sample or penalty or suppressing_eos
+
+
 def _nucleus(scores: Tensor, top_p: float) -> Tensor:
     """Keep the most probable tokens whose probabilities sum to at least ``top_p`` (at least one).
 
@@ -330,7 +337,10 @@ def generate(
     length = prompt
     try:
         for step in range(options.max_new_tokens):
-            scores = next_token_scores(logits, tokens[:, :length], step, options)
+            if _processes(step, options):
+                scores = next_token_scores(logits, tokens[:, :length], step, options)
+            else:  # plain greedy: the argmax of the logits is that of their float32 copy (exact widening)
+                scores = logits
             token = choose(scores, do_sample=options.do_sample, generator=generator)
             token = token.masked_fill(finished, options.pad_token_id)
             tokens[:, length] = token

@@ -5,6 +5,10 @@ into it in place, and the layer gets a view of the tokens so far. When the room 
 reallocated with its capacity doubled, so a step costs a copy of its own tokens, not of the whole history
 (concatenation, as the reference does, copies every cached token at every step: quadratic in the length).
 The price is up to twice the memory of the tokens held, which :meth:`DynamicCache.shrink` gives back.
+
+A length given in advance (``model.new_cache(batch, max_length)``, as ``generate()`` passes prompt + new
+tokens) sizes the first allocation, so a generation that stays within it never reallocates; the cache still
+grows past it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ MIN_CAPACITY = 64  # tokens: the first allocation of a layer holds at least this
 
 
 class DynamicCache(KVCache):
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, expected_length: int | None = None):
+        if expected_length is not None and expected_length < 0:
+            raise ValueError(f"expected_length must be >= 0 tokens, got {expected_length}")
+        self.expected_length = expected_length  # tokens the first allocation of a layer makes room for
         self._keys: list[Tensor | None] = [None] * num_layers  # (B, H, capacity, D)
         self._values: list[Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
@@ -46,7 +53,8 @@ class DynamicCache(KVCache):
         ):
             # both buffers are made (or the error raised) before either is replaced: a failed update
             # leaves the cache as it was
-            new_keys, new_values = _grown(keys, key, length, end), _grown(values, value, length, end)
+            first = self.expected_length or 0
+            new_keys, new_values = _grown(keys, key, length, end, first), _grown(values, value, length, end, first)
             keys, values = self._keys[layer], self._values[layer] = new_keys, new_values
         keys[:, :, length:end] = key
         values[:, :, length:end] = value
@@ -87,10 +95,10 @@ def _same_rows(buffer: Tensor, new: Tensor) -> bool:
     )
 
 
-def _grown(old: Tensor | None, new: Tensor, length: int, needed: int) -> Tensor:
-    """A buffer for at least ``needed`` tokens (doubling the old capacity), holding the old buffer's first
-    ``length`` tokens."""
-    capacity = max(needed, MIN_CAPACITY, 2 * old.shape[2] if old is not None else 0)
+def _grown(old: Tensor | None, new: Tensor, length: int, needed: int, first: int) -> Tensor:
+    """A buffer for at least ``needed`` tokens (doubling the old capacity; a first one holds ``first``
+    tokens, at least MIN_CAPACITY), holding the old buffer's first ``length`` tokens."""
+    capacity = max(needed, 2 * old.shape[2] if old is not None else max(first, MIN_CAPACITY))
     if old is not None and length and not _same_rows(old, new):
         # different batch/heads/head size/dtype: the reference's concatenation would fail, and so do we
         raise ValueError(
@@ -118,7 +126,7 @@ class DynamicCachePlugin(CachePlugin):
         dtype: torch.dtype,
         device: torch.device,
     ) -> DynamicCache:
-        return DynamicCache(num_layers)
+        return DynamicCache(num_layers, expected_length=max_length)
 
 
 dynamic = DynamicCachePlugin()

@@ -34,6 +34,42 @@ def test_steps_write_in_place_until_the_room_runs_out_then_it_doubles():
     assert torch.equal(cache.keys[0], keys) and torch.equal(cache.values[0], values)
 
 
+def test_an_expected_length_is_made_room_for_at_once_and_the_cache_still_grows_past_it():
+    cache = DynamicCache(num_layers=1, expected_length=100)
+    cache.update(0, *_kv(16, 0))
+    buffer = cache._keys[0]
+    assert buffer.shape[2] == 100
+    for step in range(84):
+        keys, _ = cache.update(0, *_kv(1, step + 1))
+    assert cache._keys[0].data_ptr() == buffer.data_ptr() and keys.shape[2] == 100  # never reallocated
+    keys, _ = cache.update(0, *_kv(1, 500))
+    assert cache._keys[0].shape[2] == 200 and keys.shape[2] == 101
+    small = DynamicCache(num_layers=1, expected_length=3)
+    small.update(0, *_kv(1, 0))
+    assert small._keys[0].shape[2] == MIN_CAPACITY  # never below the minimum
+    with pytest.raises(ValueError, match="expected_length must be >= 0"):
+        DynamicCache(num_layers=1, expected_length=-1)
+
+
+def test_generate_sizes_the_dynamic_cache_for_prompt_and_new_tokens(monkeypatch):
+    import registry
+
+    model = registry.build("bloom-560m", n_layer=2, hidden_size=32, n_head=4, vocab_size=60, cache="dynamic").eval()
+    assert model.new_cache(2, 90).expected_length == 90
+    made: list[DynamicCache] = []
+    original = model.new_cache
+
+    def keep(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(model, "new_cache", keep)
+    ids = torch.randint(0, 60, (2, 70), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, max_new_tokens=10, eos_token_id=[])
+    (cache,) = made
+    assert [k.shape[2] for k in cache._keys] == [80, 80]  # 70 + 10: one allocation, no doubling to 128
+
+
 def test_a_prompt_longer_than_the_minimum_gets_exactly_its_room():
     cache = DynamicCache(num_layers=2)
     cache.update(1, *_kv(100, 0))

@@ -249,3 +249,44 @@ def test_greedy_choice_is_the_first_maximal_token_as_argmax():
     assert choose(scores, do_sample=False, generator=None).tolist() == [1, 0, 0]
     wide = torch.randn(3, 250880).bfloat16().float()  # bfloat16 logits tie often
     assert torch.equal(choose(wide, do_sample=False, generator=None), wide.argmax(-1))
+
+
+def test_plain_greedy_chooses_on_bfloat16_logits_as_on_their_float32_copy():
+    """generate() skips the float32 copy of the logits when nothing processes them (plain greedy): the
+    choice must be the float32 argmax's, ties included."""
+    from registry.generate import choose
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 250880, generator=g) * 4).bfloat16()  # ties at the top in most rows
+    logits[0, 7] = logits[0, 250000] = logits[0].max() + 1  # a certain tie, the later one last
+    logits[1, 3] = float("nan")  # a NaN row: argmax's answer too
+    expected = logits.float().argmax(-1)
+    assert torch.equal(choose(logits, do_sample=False, generator=None), expected)
+    assert choose(logits, do_sample=False, generator=None)[0] == 7
+
+
+@pytest.mark.parametrize(
+    ("options", "steps_processed"),
+    [
+        ({}, []),
+        ({"min_new_tokens": 2}, [0, 1]),
+        ({"repetition_penalty": 1.3}, [0, 1, 2, 3]),
+        ({"repetition_penalty": 1.0, "min_new_tokens": 1}, [0]),
+        ({"do_sample": True, "seed": 0}, [0, 1, 2, 3]),
+    ],
+)
+def test_logits_are_processed_exactly_where_an_option_changes_them(monkeypatch, options, steps_processed):
+    import registry.generate as generation
+
+    model = registry.build("bloom-560m", n_layer=1, hidden_size=32, n_head=4, vocab_size=60).eval()
+    seen: list[int] = []
+    original = generation.next_token_scores
+
+    def spy(logits, tokens, step, resolved):
+        seen.append(step)
+        return original(logits, tokens, step, resolved)
+
+    monkeypatch.setattr(generation, "next_token_scores", spy)
+    ids = torch.randint(0, 60, (2, 3), generator=torch.Generator().manual_seed(1))
+    out = model.generate(ids, max_new_tokens=4, eos_token_id=[7], **options)
+    assert seen == steps_processed[: out.shape[1] - 3]
