@@ -155,11 +155,10 @@ static inline void finish(__m512 v, int64_t m, int64_t n0, __mmask16 mask, const
     _mm256_mask_storeu_epi16(e->Y + m * e->ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-/* the columns of a 16 x 16 float32 matrix (rows in order), with 64 in-register shuffles: unpacks make
-   4 x 4 blocks within each 128-bit lane, then two rounds of lane shuffles transpose the blocks */
-static inline void transpose_16x16(const float* acc, __m512 column[16]) {
-    __m512 r[16], t[16], u[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(acc + 16 * i);
+/* the columns of a 16 x 16 matrix of 32-bit values held as 16 rows, with 64 in-register shuffles: unpacks
+   make 4 x 4 blocks within each 128-bit lane, then two rounds of lane shuffles transpose the blocks */
+static inline void transpose_registers(const __m512 r[16], __m512 column[16]) {
+    __m512 t[16], u[16];
     for (int i = 0; i < 8; i++) {
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -181,6 +180,23 @@ static inline void transpose_16x16(const float* acc, __m512 column[16]) {
         column[8 + c] = _mm512_shuffle_f32x4(s1, s3, 0x88);
         column[12 + c] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
     }
+}
+
+static inline void transpose_16x16(const float* acc, __m512 column[16]) { /* rows 16 floats apart */
+    __m512 r[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(acc + 16 * i);
+    transpose_registers(r, column);
+}
+
+/* XT[p][m - m0] = (X[m][2p], X[m][2p+1]) as one 32-bit pair, for the 16 rows m0 .. m0+15 (zero from row
+   `rows` on) and the 16 pairs p0 .. p0+15: the transpose of X's rows read as pairs */
+static inline void pack_16x16(const uint16_t* X, int64_t ldx, int64_t m0, int64_t rows, int64_t p0, uint32_t* XT,
+                              int64_t Mp) {
+    __m512 r[16], column[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = m0 + i < rows ? _mm512_loadu_ps(X + (m0 + i) * ldx + 2 * p0) : _mm512_setzero_ps();
+    transpose_registers(r, column);
+    for (int i = 0; i < 16; i++) _mm512_store_ps(XT + (p0 + i) * Mp + m0, column[i]);
 }
 
 /* an accumulator tile stored as acc[n][m] (16 x 16 float32) -> rows m0 .. m0+rows-1 of Y: a few rows are
@@ -318,11 +334,8 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
             const int64_t rows = M - c0 < ROW_CHUNK ? M - c0 : ROW_CHUNK, Mp = (rows + 15) / 16 * 16, sx = Mp * 4;
             /* X rows c0 .. c0+rows-1 -> XT[p][m] = (X[m][2p], X[m][2p+1]), zero from m = rows to Mp */
             #pragma omp for schedule(static)
-            for (int64_t p = 0; p < K / 2; p++) {
-                uint32_t* out = XT + p * Mp;
-                for (int64_t m = 0; m < rows; m++) memcpy(&out[m], X + (c0 + m) * ldx + 2 * p, sizeof(uint32_t));
-                for (int64_t m = rows; m < Mp; m++) out[m] = 0;
-            }
+            for (int64_t p0 = 0; p0 < K / 2; p0 += 16)
+                for (int64_t m0 = 0; m0 < Mp; m0 += 16) pack_16x16(X + c0 * ldx, ldx, m0, rows, p0, XT, Mp);
             #pragma omp for schedule(static)
             for (int64_t nb = 0; nb < nblocks; nb++) {
                 const int64_t n0 = nb * 32;
