@@ -329,6 +329,12 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
     {
         float acc[4][256] __attribute__((aligned(64)));
         float blocked[ROW_CHUNK / 32][4][256] __attribute__((aligned(64)));
+        /* denormals flushed to zero (FTZ) and read as zero (DAZ) in this call: the activations' tails
+           (exp and its reciprocal far out) would otherwise produce them, and each costs a microcode
+           assist (tanh-GELU 4x slower for pre-activations of magnitude 30). Rounding to bfloat16 flushes
+           them anyway. The caller's setting is restored. */
+        const unsigned int caller_csr = _mm_getcsr();
+        _mm_setcsr(caller_csr | 0x8040);
         configure_tiles();
         for (int64_t c0 = 0; c0 < M; c0 += ROW_CHUNK) {
             const int64_t rows = M - c0 < ROW_CHUNK ? M - c0 : ROW_CHUNK, Mp = (rows + 15) / 16 * 16, sx = Mp * 4;
@@ -403,6 +409,7 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
         }
         _tile_release();
         if (N16 < N) tail_outputs(X, M, ldx, W, N16, N, K, ldw, &e);
+        _mm_setcsr(caller_csr);
     }
     return 0;
 }

@@ -208,6 +208,30 @@ def test_nan_stays_nan_through_every_activation():
 
 
 @needs_kernel
+@pytest.mark.parametrize("activation", list(amx.ACTIVATIONS))
+def test_large_pre_activations_are_exact_too(activation):
+    """Far out, the activations' exp and reciprocal reach float32's denormal range (where the kernel
+    flushes to zero instead of paying a microcode assist per value): still the truth to bfloat16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, 64, generator=g) * 300).bfloat16()  # pre-activations of magnitude up to ~3000
+    w = (torch.randn(48, 64, generator=g) / 8).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    truth = _truth(x, w, b, None, activation)
+    got = amx.linear(x, w, b, activation=activation).double()
+    assert bool(got.isfinite().all()), activation
+    # one bfloat16 rounding; the absolute term covers the left tails (erf's 1.5e-7 cancels in 1 + erf)
+    assert bool(((got - truth).abs() <= 2**-7 * truth.abs() + 1e-5).all()), activation
+
+
+@needs_kernel
+def test_the_caller_s_floating_point_mode_is_restored():
+    tiny = torch.tensor([3e-39])  # a float32 denormal: kept by PyTorch's default mode
+    assert float(tiny * 1.0) != 0.0
+    amx.linear(torch.randn(4, 64).bfloat16(), torch.randn(32, 64).bfloat16(), activation="silu")
+    assert float(tiny * 1.0) != 0.0  # the kernel's flush-to-zero did not stay on this thread
+
+
+@needs_kernel
 def test_tanh_keeps_its_relative_precision_near_zero():
     x = torch.tensor([[1e-30, 1e-6, 3e-6, -2e-5, 0.01, -0.05, 0.07, 0.5]]).bfloat16()
     eye = torch.eye(8).bfloat16()
