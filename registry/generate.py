@@ -174,11 +174,12 @@ def next_token_scores(logits: Tensor, tokens: Tensor, step: int, options: Genera
     penalises them); ``step`` counts the new tokens already generated.
     """
     scores = logits.float()
-    if options.repetition_penalty is not None and options.repetition_penalty != 1.0:
+    penalty = _active_penalty(options)
+    if penalty is not None:
         seen = scores.gather(1, tokens)
-        penalised = torch.where(seen < 0, seen * options.repetition_penalty, seen / options.repetition_penalty)
+        penalised = torch.where(seen < 0, seen * penalty, seen / penalty)
         scores = scores.scatter(1, tokens, penalised)
-    if step < options.min_new_tokens and options.eos_token_ids:
+    if _holds_back_eos(step, options):
         scores[:, list(options.eos_token_ids)] = float("-inf")
     if not options.do_sample:
         return scores
@@ -192,11 +193,28 @@ def next_token_scores(logits: Tensor, tokens: Tensor, step: int, options: Genera
     return scores
 
 
-def _processes(step: int, options: GenerationOptions) -> bool:
-    """Whether :func:`next_token_scores` changes anything at this step but the float32 widening."""
-    penalty = options.repetition_penalty is not None and options.repetition_penalty != 1.0
-    suppressing_eos = step < options.min_new_tokens and bool(options.eos_token_ids)
-    return options.do_sample or penalty or suppressing_eos
+def _active_penalty(options: GenerationOptions) -> float | None:
+    """The repetition penalty, or None where there is none (1.0 changes nothing)."""
+    return options.repetition_penalty if options.repetition_penalty not in (None, 1.0) else None
+
+
+def _holds_back_eos(step: int, options: GenerationOptions) -> bool:
+    return step < options.min_new_tokens and bool(options.eos_token_ids)
+
+
+# dtypes whose float32 copy is exact: for them the argmax of the logits is that of next_token_scores'
+_WIDENED_EXACTLY = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _processes(logits: Tensor, step: int, options: GenerationOptions) -> bool:
+    """Whether :func:`next_token_scores` can change the argmax at this step: a processor applies
+    (sampling filters only apply when sampling), or its float32 copy of the logits rounds them."""
+    return (
+        options.do_sample
+        or _active_penalty(options) is not None
+        or _holds_back_eos(step, options)
+        or logits.dtype not in _WIDENED_EXACTLY
+    )
 
 
 def _nucleus(scores: Tensor, top_p: float) -> Tensor:
@@ -337,7 +355,7 @@ def generate(
     length = prompt
     try:
         for step in range(options.max_new_tokens):
-            if _processes(step, options):
+            if _processes(logits, step, options):
                 scores = next_token_scores(logits, tokens[:, :length], step, options)
             else:  # plain greedy: the argmax of the logits is that of their float32 copy (exact widening)
                 scores = logits

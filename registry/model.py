@@ -173,7 +173,8 @@ class AssembledModel(nn.Module):
         Args:
             batch_size: rows the cache holds.
             max_length: tokens it must hold (prompt + new tokens); a fixed-size cache ('static')
-                needs it, a growing one ('dynamic') makes room for that many at once and grows past it.
+                needs it, a growing one ('dynamic') makes room for that many at once when that is at
+                most twice its first allocation anyway, and grows past it.
             dtype, device: of the stored keys and values; the model's by default.
 
         Raises:

@@ -6,9 +6,10 @@ reallocated with its capacity doubled, so a step costs a copy of its own tokens,
 (concatenation, as the reference does, copies every cached token at every step: quadratic in the length).
 The price is up to twice the memory of the tokens held, which :meth:`DynamicCache.shrink` gives back.
 
-A length given in advance (``model.new_cache(batch, max_length)``, as ``generate()`` passes prompt + new
-tokens) sizes the first allocation, so a generation that stays within it never reallocates; the cache still
-grows past it.
+A length given in advance (``model.new_cache(batch, max_length)``; ``generate()`` passes prompt + new
+tokens) sizes the first allocation when it is at most twice what that allocation would hold anyway, so a
+short generation never reallocates while the memory bound stays that of doubling: a generation allowed
+100,000 tokens that stops at the tenth holds room for 64, not 100,000. Past it the cache grows as always.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ MIN_CAPACITY = 64  # tokens: the first allocation of a layer holds at least this
 
 class DynamicCache(KVCache):
     def __init__(self, num_layers: int, expected_length: int | None = None):
-        if expected_length is not None and expected_length < 0:
-            raise ValueError(f"expected_length must be >= 0 tokens, got {expected_length}")
-        self.expected_length = expected_length  # tokens the first allocation of a layer makes room for
+        if expected_length is not None and (
+            not isinstance(expected_length, int) or isinstance(expected_length, bool) or expected_length < 0
+        ):
+            raise ValueError(f"expected_length must be a whole number of tokens >= 0, or None; got {expected_length!r}")
+        self.expected_length = expected_length  # tokens the first allocation of a layer may make room for
         self._keys: list[Tensor | None] = [None] * num_layers  # (B, H, capacity, D)
         self._values: list[Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
@@ -53,8 +56,9 @@ class DynamicCache(KVCache):
         ):
             # both buffers are made (or the error raised) before either is replaced: a failed update
             # leaves the cache as it was
-            first = self.expected_length or 0
-            new_keys, new_values = _grown(keys, key, length, end, first), _grown(values, value, length, end, first)
+            expected = self.expected_length or 0
+            new_keys = _grown(keys, key, length, end, expected)
+            new_values = _grown(values, value, length, end, expected)
             keys, values = self._keys[layer], self._values[layer] = new_keys, new_values
         keys[:, :, length:end] = key
         values[:, :, length:end] = value
@@ -95,10 +99,17 @@ def _same_rows(buffer: Tensor, new: Tensor) -> bool:
     )
 
 
-def _grown(old: Tensor | None, new: Tensor, length: int, needed: int, first: int) -> Tensor:
-    """A buffer for at least ``needed`` tokens (doubling the old capacity; a first one holds ``first``
-    tokens, at least MIN_CAPACITY), holding the old buffer's first ``length`` tokens."""
-    capacity = max(needed, 2 * old.shape[2] if old is not None else max(first, MIN_CAPACITY))
+def _first_capacity(needed: int, expected: int) -> int:
+    """Tokens a layer's first buffer holds: ``needed`` (at least MIN_CAPACITY), or the expected length
+    where that is at most twice as much (the bound doubling keeps too)."""
+    capacity = max(needed, MIN_CAPACITY)
+    return expected if capacity <= expected <= 2 * capacity else capacity
+
+
+def _grown(old: Tensor | None, new: Tensor, length: int, needed: int, expected: int) -> Tensor:
+    """A buffer for at least ``needed`` tokens (doubling the old capacity; see :func:`_first_capacity` for
+    a first one), holding the old buffer's first ``length`` tokens."""
+    capacity = max(needed, 2 * old.shape[2]) if old is not None else _first_capacity(needed, expected)
     if old is not None and length and not _same_rows(old, new):
         # different batch/heads/head size/dtype: the reference's concatenation would fail, and so do we
         raise ValueError(

@@ -47,8 +47,26 @@ def test_an_expected_length_is_made_room_for_at_once_and_the_cache_still_grows_p
     small = DynamicCache(num_layers=1, expected_length=3)
     small.update(0, *_kv(1, 0))
     assert small._keys[0].shape[2] == MIN_CAPACITY  # never below the minimum
-    with pytest.raises(ValueError, match="expected_length must be >= 0"):
-        DynamicCache(num_layers=1, expected_length=-1)
+
+
+def test_a_far_longer_expected_length_is_not_reserved_up_front():
+    """A generation allowed 100,000 tokens that stops early must not hold room for all of them: the first
+    allocation takes the expected length only within twice what it would hold anyway (doubling's bound)."""
+    cache = DynamicCache(num_layers=1, expected_length=100_000)
+    cache.update(0, *_kv(16, 0))
+    assert cache._keys[0].shape[2] == MIN_CAPACITY
+    cache = DynamicCache(num_layers=1, expected_length=2 * MIN_CAPACITY)
+    cache.update(0, *_kv(16, 0))
+    assert cache._keys[0].shape[2] == 2 * MIN_CAPACITY  # the edge: exactly twice
+    cache = DynamicCache(num_layers=1, expected_length=2 * 100 + 1)
+    cache.update(0, *_kv(100, 0))
+    assert cache._keys[0].shape[2] == 100
+
+
+@pytest.mark.parametrize("bad", [-1, 100.0, True, "80"])
+def test_an_expected_length_that_is_not_a_token_count_is_refused(bad):
+    with pytest.raises(ValueError, match="expected_length must be a whole number of tokens >= 0, or None"):
+        DynamicCache(num_layers=1, expected_length=bad)
 
 
 def test_generate_sizes_the_dynamic_cache_for_prompt_and_new_tokens(monkeypatch):

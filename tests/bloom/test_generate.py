@@ -290,3 +290,16 @@ def test_logits_are_processed_exactly_where_an_option_changes_them(monkeypatch, 
     ids = torch.randint(0, 60, (2, 3), generator=torch.Generator().manual_seed(1))
     out = model.generate(ids, max_new_tokens=4, eos_token_id=[7], **options)
     assert seen == steps_processed[: out.shape[1] - 3]
+
+
+def test_float64_logits_are_rounded_to_float32_before_the_choice_as_the_reference_does():
+    from registry.generate import _processes, resolve_options
+
+    model = registry.build("bloom-560m", n_layer=1, hidden_size=32, n_head=4, vocab_size=60)
+    options = resolve_options(
+        model.config, max_new_tokens=4, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=None,
+        top_p=None, repetition_penalty=None, eos_token_id=[], pad_token_id=None, stop_strings=None,
+    )  # fmt: skip
+    near_tie = torch.tensor([[1.0, 1.0 + 2**-40]], dtype=torch.float64)  # equal once rounded to float32
+    assert _processes(near_tie, 0, options)
+    assert not _processes(near_tie.bfloat16(), 0, options) and not _processes(near_tie.float(), 0, options)

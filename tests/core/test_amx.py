@@ -229,6 +229,8 @@ def test_the_caller_s_floating_point_mode_is_restored():
     assert float(tiny * 1.0) != 0.0
     amx.linear(torch.randn(4, 64).bfloat16(), torch.randn(32, 64).bfloat16(), activation="silu")
     assert float(tiny * 1.0) != 0.0  # the kernel's flush-to-zero did not stay on this thread
+    many = torch.full((1 << 22,), 3e-39)  # large enough for PyTorch to split it over its OpenMP threads,
+    assert bool(((many * 1.0) != 0).all())  # the kernel's workers: their mode was restored too
 
 
 @needs_kernel
