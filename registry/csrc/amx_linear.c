@@ -331,7 +331,7 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
         float blocked[ROW_CHUNK / 32][4][256] __attribute__((aligned(64)));
         /* denormals flushed to zero (FTZ) and read as zero (DAZ) in this call: the activations' tails
            (exp and its reciprocal far out) would otherwise produce them, and each costs a microcode
-           assist (tanh-GELU 4x slower for pre-activations of magnitude 30). Rounding to bfloat16 flushes
+           assist (tanh-GELU 3-5x slower for pre-activations reaching 30-100). Rounding to bfloat16 flushes
            them anyway. The caller's setting is restored. */
         const unsigned int caller_csr = _mm_getcsr();
         _mm_setcsr(caller_csr | 0x8040);
