@@ -84,24 +84,21 @@ def step_anatomy(model: Any, batch: int, new_tokens: int) -> str:
     hidden = model.config.hidden_size
     ids = torch.randint(10, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
     kernel: dict[str, float] = defaultdict(float)
-    after: dict[str, float] = defaultdict(float)
-    last: list[Any] = [None, None]
+    after: dict[str, float] = defaultdict(float)  # from a projection's end to the next kernel call
     call = amx._call
-
-    decoding = [False]  # from the end of the prompt's lm_head call on
+    decoding = False  # from the end of the prompt's lm_head call on
+    last_end, last_name = 0.0, ""
 
     def timed(library: Any, x: torch.Tensor, weight: torch.Tensor, *rest: Any) -> None:
+        nonlocal decoding, last_end, last_name
         start = time.perf_counter()
-        if decoding[0] and last[0] is not None:
-            after[last[1]] += start - last[0]
+        if decoding:
+            after[last_name] += start - last_end
         call(library, x, weight, *rest)
-        end = time.perf_counter()
-        name = projection_of(weight, hidden)
-        if decoding[0]:
-            kernel[name] += end - start
-        elif name == "lm_head":
-            decoding[0] = True  # the gap after it is the first step's set-up
-        last[0], last[1] = end, name
+        last_end, last_name = time.perf_counter(), projection_of(weight, hidden)
+        if decoding:
+            kernel[last_name] += last_end - start
+        decoding = decoding or last_name == "lm_head"  # the gap after it is the first step's set-up
 
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
