@@ -7,41 +7,30 @@ copy is kept, and the same code serves one row (a decode step, streamed at close
 and a prompt's hundreds of rows (AMX throughput). :mod:`registry.fused` routes bfloat16 linear layers here
 when :func:`status` says the kernel is ready.
 
-The kernel is built with the C compiler (``$CC``, else ``cc``) into ``$REGISTRY_CACHE_DIR`` (default
-``~/.cache/registry-transformers``, or a folder in the temporary directory where that is not writable),
-once per source, flags and compiler, and checked against
-``F.linear`` on small inputs before it is used. It is not used (and :func:`status` says why) when the CPU
-lacks AMX-BF16 or AVX512-BF16, the platform is not x86-64 Linux, no compiler is found, the build or the
-check fails, or ``REGISTRY_AMX=0`` is set. Those cases run oneDNN's kernels, as before, with the same
-numbers up to rounding.
+The kernel is built with the other C kernels by :mod:`registry.native` on first use, and checked
+against ``F.linear`` on small inputs before it is used. It is not used (and :func:`status` says why) when
+the CPU lacks AMX-BF16 or AVX512-BF16, the platform is not x86-64 Linux, no compiler is found, the build
+or the check fails, or ``REGISTRY_AMX=0`` is set. Those cases run oneDNN's kernels, as before, with the
+same numbers up to rounding.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from registry import native
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "amx_linear.c"
-FLAGS = (
-    "-O3", "-fPIC", "-shared", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-    "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
-)  # fmt: skip
 # the kernel's activation codes (enum in amx_linear.c)
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "tanh": 5}
 K_MULTIPLE = 32  # in_features must be a multiple of this (one tile of k); out_features may be anything
@@ -56,63 +45,7 @@ class Status:
     library: str | None = None
 
 
-def _cache_dirs() -> list[Path]:
-    """Where the built kernel may go: $REGISTRY_CACHE_DIR alone when set; else the user's cache, then a
-    folder in the temporary directory (for a read-only home, as in some containers)."""
-    chosen = os.environ.get("REGISTRY_CACHE_DIR")
-    if chosen:
-        return [Path(chosen)]
-    user = f"registry-transformers-{os.getuid()}" if hasattr(os, "getuid") else "registry-transformers"
-    return [Path.home() / ".cache" / "registry-transformers", Path(tempfile.gettempdir()) / user]
-
-
-def _compiler_version(cc: str) -> str:
-    done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=False)
-    return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else cc
-
-
-def _private_folder(folder: Path) -> None:
-    """Make ``folder`` (mode 0700) or check an existing one: a library found there is loaded into this
-    process, so the folder must be this user's and writable by no one else (a shared temporary directory
-    could otherwise hand us another user's file)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise PermissionError(f"{folder} belongs to another user")
-    if info.st_mode & 0o022:
-        raise PermissionError(f"{folder} is writable by other users")
-
-
-def _build(cc: str) -> Path:
-    """Compile the kernel unless this source, these flags and this compiler were built before."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
-    failures = []
-    for folder in _cache_dirs():
-        try:
-            return _build_into(folder / f"amx_linear-{key}.so", cc)
-        except OSError as error:  # an unwritable folder (read-only, not a directory): try the next one
-            failures.append(f"{folder}: {error.strerror or error}")
-    raise OSError(f"no writable folder for the built kernel ({'; '.join(failures)}); set REGISTRY_CACHE_DIR")
-
-
-def _build_into(target: Path, cc: str) -> Path:
-    _private_folder(target.parent)
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        done = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300, check=False
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-800:]}")
-        os.replace(built, target)  # atomic: a concurrent build of the same key writes the same file
-    return target
-
-
-def _bind(path: Path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     library.registry_amx_ready.restype = ctypes.c_int
     library.registry_linear_bf16.restype = ctypes.c_int
@@ -134,26 +67,19 @@ def status() -> Status:
     global _library
     if os.environ.get("REGISTRY_AMX", "1") == "0":
         return Status(False, "turned off by REGISTRY_AMX=0")
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return Status(False, f"needs x86-64 Linux, not {platform.system()} {platform.machine()}")
-    cc = os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        return Status(False, f"no C compiler '{cc}' on PATH (set CC to one)")
-    try:
-        path = _build(cc)
-        library = _bind(path)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning("the AMX linear kernel did not build or load; bfloat16 runs on oneDNN: %s", error)
-        return Status(False, f"the kernel did not build or load: {error}")
+    loaded = native.load()
+    if loaded.library is None:
+        return Status(False, loaded.problem)
+    library, path = _bind(loaded.library), loaded.path
     if not library.registry_amx_ready():
-        return Status(False, "this CPU lacks AMX-BF16 or AVX512-BF16, or the OS refused the tile registers", str(path))
+        return Status(False, "this CPU lacks AMX-BF16 or AVX512-BF16, or the OS refused the tile registers", path)
     problem = _self_check(library)
     if problem:
         log.warning("the AMX linear kernel failed its check; bfloat16 runs on oneDNN: %s", problem)
-        return Status(False, f"the kernel failed its check against F.linear: {problem}", str(path))
+        return Status(False, f"the kernel failed its check against F.linear: {problem}", path)
     _library = library  # published only now: no caller sees an unchecked kernel
     log.debug("AMX linear kernel ready: %s", path)
-    return Status(True, "ready", str(path))
+    return Status(True, "ready", path)
 
 
 def ready() -> bool:

@@ -13,13 +13,15 @@ outputs (a transformer's query, key and value projections as one GEMM). Families
   add in the GEMM's epilogue (``F.linear`` hands oneDNN an unpacked weight on every call, and the
   activation and the residual add are separate passes);
 * float32: from MKL_MIN_ROWS rows, MKL with the weight packed for that row count (bit-identical to
-  ``addmm``); below, ``F.linear`` itself, with no packed copy. Activation and residual follow in
-  place.
+  ``addmm``); 2 to 16 rows (a decode step of a batch), the AVX-512 kernel of :mod:`registry.avx512`,
+  which reads the weights where they lie at close to the memory bandwidth where MKL's GEMM reads them
+  at a third of it (float32 sums in another order: equal to ``F.linear`` up to rounding, not bit for
+  bit); otherwise ``F.linear`` itself, with no packed copy. Activation and residual follow in place.
 * a language-model head tied to the embeddings (:func:`project`) is never packed: bfloat16 runs on the
   AMX kernel; without it, one row runs as a GEMV, a few bfloat16 rows as ``W @ x^T``.
 
-The fast path applies only where it computes the same function (bfloat16 results differ by rounding
-only; float32 ones not at all) and nothing is lost: CPU tensors, autograd
+The fast path applies only where it computes the same function (results differ by rounding only;
+float32 ones not at all outside the few-row kernel) and nothing is lost: CPU tensors, autograd
 off (``torch.no_grad`` / ``torch.inference_mode``), and the kernels present in this torch build.
 Anywhere else (training, GPUs, float16) it is ``F.linear`` followed by the same operations.
 
@@ -45,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from registry import amx
+from registry import amx, avx512
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,7 @@ AMX_MAX_ROWS = 256
 MKL_MIN_ROWS = 256
 # up to this many bfloat16 rows, ``W @ x^T`` beats ``x @ W^T``: the weight streams once through the
 # kernel's long dimension (a 250880 x 1024 head with 8 rows: 46 ms against 74 ms on the machine of
-# docs/benchmarks.md). Float32 would gain too (158 against 245 ms) but not bit for bit, so it does not
-# take it: float32 results stay identical to the reference's
+# docs/benchmarks.md). Float32 runs a few rows on its own kernel instead (registry.avx512)
 WEIGHT_LEFT_MAX_ROWS = 64
 # oneDNN's AMX GEMM is markedly slower for some (rows, out, in) shapes than for their row blocks
 # (e.g. 1024 x 768 x 3072 with 2 threads); the first call of a shape times both and keeps the faster
@@ -117,6 +118,7 @@ def kernels() -> dict[str, str]:
     status = {name: "ready" if name in found else "not in this torch build, or failed its check"
               for name in ("onednn-bf16", "mkl-fp32")}  # fmt: skip
     status["amx-bf16"] = amx.status().reason
+    status["avx512-fp32"] = avx512.status().reason
     return status
 
 
@@ -126,6 +128,8 @@ def _kernels() -> frozenset[str]:
     found = set()
     if amx.ready():
         found.add("amx-bf16")
+    if avx512.ready():
+        found.add("avx512-fp32")
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     expected = F.linear(x, w, b)
     with torch.no_grad():
@@ -224,10 +228,41 @@ def _amx_linear(
     return y.view(*leading, out_features)
 
 
+def _few_rows_f32(x: Tensor, group: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor | None:
+    """The (weight, bias) pairs on the AVX-512 float32 kernel, each writing its columns of one output; None
+    where it does not apply: float32 CPU operands with contiguous weight rows and contiguous biases,
+    avx512.MIN_ROWS to avx512.MAX_ROWS rows, the kernel ready. (Callers checked the fast path.)"""
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    if x.dtype is not torch.float32 or not avx512.MIN_ROWS <= rows <= avx512.MAX_ROWS or not x.is_cpu:
+        return None
+    if "avx512-fp32" not in _kernels():
+        return None
+    for weight, bias in group:
+        if not avx512.supports(x, weight) or (
+            bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu or bias.stride(0) != 1)
+        ):
+            return None
+    x2 = x.reshape(rows, in_features)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    out_features = sum(weight.shape[0] for weight, _ in group)
+    y = torch.empty(rows, out_features)
+    start = 0
+    for weight, bias in group:
+        end = start + weight.shape[0]
+        avx512.run(x2, weight, bias, y if len(group) == 1 else y[:, start:end])
+        start = end
+    return y.view(*x.shape[:-1], out_features)
+
+
 def _few_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear``, computed as ``(W @ x^T)^T`` for 2 to WEIGHT_LEFT_MAX_ROWS bfloat16 rows on the CPU
-    (the same numbers: bfloat16 products accumulate in float32 either way). Float32 keeps ``F.linear``,
-    whose results it reproduces bit for bit, so that seeded sampling draws the reference's tokens."""
+    (the same numbers: bfloat16 products accumulate in float32 either way), and on the AVX-512 kernel for
+    a few float32 rows (:func:`_few_rows_f32`)."""
+    y = _few_rows_f32(x, ((weight, bias),))
+    if y is not None:
+        return y
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not 1 < rows <= WEIGHT_LEFT_MAX_ROWS:
         return F.linear(x, weight, bias)
@@ -244,7 +279,7 @@ def project(x: Tensor, weight: Tensor) -> Tensor:
     bandwidth for a few rows. Without it, a few rows run as ``W @ x^T`` (see WEIGHT_LEFT_MAX_ROWS) and
     one row as a matrix-vector product: for bfloat16 that reads the weight at close to the memory
     bandwidth, where the GEMM runs at about two thirds of it (a 250880 x 1024 head: 28 ms against 39 ms
-    on the 2-core machine of docs/benchmarks.md)."""
+    on the 2-core machine of docs/benchmarks.md). A few float32 rows run on the AVX-512 kernel."""
     if not _fast_path(x):
         return F.linear(x, weight)
     if "amx-bf16" in _kernels() and amx.supports(x, weight):
@@ -376,7 +411,11 @@ def _plain(x: Tensor, group: Sequence[nn.Linear], activation: str | None, residu
     elif len(group) == 1:
         y = _few_rows_linear(x, group[0].weight, group[0].bias)
     else:  # without autograd, one GEMM per layer beats concatenating their weights on every call
-        y = torch.cat([_few_rows_linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
+        on_kernel = _few_rows_f32(x, [(layer.weight, layer.bias) for layer in group])
+        if on_kernel is not None:
+            y = on_kernel
+        else:
+            y = torch.cat([_few_rows_linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
     if torch.is_grad_enabled():
         if activation is not None:
             y = ACTIVATIONS[activation](y)

@@ -1,0 +1,205 @@
+"""The AVX-512 float32 kernel for a few rows (registry.avx512): its status, its numbers against a float64
+truth for every shape class it treats apart (rows in groups of 8, weight rows in blocks of 3, in_features
+past whole vectors), strided operands, refused operands, and registry.fused routing a decode step's
+float32 layers to it (and nothing else)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from registry import avx512, fused
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+CAPABLE = "avx512f" in _cpu_flags() and shutil.which(os.environ.get("CC") or "cc")
+needs_kernel = pytest.mark.skipif(not avx512.ready(), reason=f"kernel not usable here: {avx512.status().reason}")
+
+
+def test_the_kernel_is_ready_wherever_the_cpu_and_a_compiler_allow_it():
+    status = avx512.status()
+    assert isinstance(status.reason, str) and status.reason
+    if CAPABLE:  # a build or check failure on a capable machine is a bug, not a skip
+        assert status.ready, status.reason
+        assert fused.kernels()["avx512-fp32"] == "ready"
+    else:
+        assert not status.ready and fused.kernels()["avx512-fp32"] == status.reason
+
+
+def test_turned_off_by_the_environment_says_so():
+    code = "from registry import avx512; s = avx512.status(); print(s.ready, s.reason)"
+    env = {**os.environ, "REGISTRY_AVX512": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False turned off by REGISTRY_AVX512=0"
+
+
+def _assert_float32_sums(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """Each output within float32 rounding of its float64 sum: at most a few ulps of the sum of the
+    terms' magnitudes (the bound a float32 dot product of this length meets in any order)."""
+    truth = F.linear(x.double(), w.double(), None if b is None else b.double())
+    magnitude = x.double().abs() @ w.double().abs().t() + (0 if b is None else b.double().abs())
+    error = (got.double() - truth).abs()
+    assert bool((error <= 2**-24 * (x.shape[1] ** 0.5 + 4) * magnitude).all()), float((error / magnitude).max())
+
+
+SHAPES = [  # (rows, out_features, in_features): what each exercises
+    (2, 3, 16),  # one block of 3 weight rows, one vector of k
+    (3, 7, 33),  # a last block of 1 weight row; k past whole vectors (a masked tail)
+    (8, 8, 64),  # a full group of 8 rows; a last block of 2 weight rows
+    (9, 31, 100),  # a second group of 1 row (from cache, without prefetch)
+    (16, 64, 4096),  # two full groups; long rows (the prefetch runs past each row's end)
+    (5, 1, 5),  # one output, k shorter than a vector
+    (1, 10, 48),  # one row (not what fused sends, still exact)
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}x{k}" for m, n, k in SHAPES])
+def test_matches_a_float64_truth_to_float32_rounding(shape):
+    rows, out_features, in_features = shape
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g)
+    for bias in (b, None):
+        got = avx512.linear(x, w, bias)
+        assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+        _assert_float32_sums(got, x, w, bias)
+
+
+@needs_kernel
+def test_the_result_does_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(8, 200, generator=g), torch.randn(301, 200, generator=g), torch.randn(301, generator=g)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(avx512.linear(x, w, b))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@needs_kernel
+def test_writes_a_column_slice_and_reads_strided_rows_without_touching_the_rest():
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(5, 96, generator=g)
+    x = wide[:, 16:80]  # rows 96 apart, 64 contiguous values each
+    weights = torch.randn(40, 70, generator=g)
+    w = weights[:, 3:67]  # weight rows 70 apart
+    out = torch.full((5, 100), 7.0)
+    avx512.linear(x, w, out=out[:, 30:70])
+    assert torch.equal(out[:, :30], torch.full((5, 30), 7.0))
+    assert torch.equal(out[:, 70:], torch.full((5, 30), 7.0))
+    _assert_float32_sums(out[:, 30:70], x, w, None)
+
+
+@needs_kernel
+def test_no_rows_give_an_empty_result():
+    assert avx512.linear(torch.empty(0, 64), torch.randn(16, 64)).shape == (0, 16)
+
+
+@needs_kernel
+def test_bad_operands_are_refused_with_the_rule():
+    x, w = torch.randn(2, 64), torch.randn(16, 64)
+    bad = {
+        "bias": dict(bias=torch.randn(16).bfloat16()),
+        "bias ": dict(bias=torch.randn(8)),  # too short: the kernel would read past it
+        "out": dict(out=torch.empty(1, 16)),  # too few rows
+        "out ": dict(out=torch.empty(16, 2).t()),  # rows not contiguous
+    }
+    for name, kwargs in bad.items():
+        with pytest.raises(ValueError, match=f"takes {name.strip()} as a float32 CPU tensor"):
+            avx512.linear(x, w, **kwargs)
+    for x_bad, w_bad in (
+        (x.bfloat16(), w.bfloat16()),
+        (x, torch.randn(16, 96)),  # widths differ
+        (x, torch.randn(64, 16).t()),  # weight rows not contiguous
+        (torch.randn(2, 3, 64), w),  # not 2-d
+        (torch.randn(2, 0), torch.randn(16, 0)),  # nothing to sum
+    ):
+        with pytest.raises(ValueError, match="contiguous rows and in_features equal"):
+            avx512.linear(x_bad, w_bad)
+
+
+def _calls(monkeypatch) -> list[int]:
+    """Rows of every kernel call from here on."""
+    rows: list[int] = []
+    real = avx512._call
+
+    def spy(library, x, weight, bias, out):
+        rows.append(x.shape[0])
+        return real(library, x, weight, bias, out)
+
+    monkeypatch.setattr(avx512, "_call", spy)
+    return rows
+
+
+@needs_kernel
+def test_fused_linear_sends_a_few_float32_rows_and_only_those(monkeypatch):
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    with torch.no_grad():
+        for rows in (1, 2, 8, 16, 17, 300):
+            x = torch.randn(rows, 64)
+            got = fused.linear(x, layer, activation="gelu", residual=torch.ones(rows, 48))
+            truth = F.gelu(F.linear(x.double(), layer.weight.double(), layer.bias.double())) + 1
+            assert float((got.double() - truth).abs().max()) < 1e-5
+        assert calls == [2, 8, 16]  # one row: MKL's GEMV; 17 and more: MKL's GEMM
+        with fused.disabled():  # the plain path: F.linear, bit for bit
+            x = torch.randn(8, 64)
+            assert torch.equal(fused.linear(x, layer), F.linear(x, layer.weight, layer.bias))
+        assert calls == [2, 8, 16]
+    x = torch.randn(8, 64)  # autograd on: never the kernel
+    fused.linear(x, layer).sum().backward()
+    assert calls == [2, 8, 16] and layer.weight.grad is not None
+
+
+@needs_kernel
+def test_a_layer_group_writes_its_columns_of_one_output(monkeypatch):
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    group = [nn.Linear(64, n) for n in (32, 32, 16)]
+    group[1].bias = None
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        got = fused.linear(x, group)
+    assert got.shape == (2, 3, 80) and calls == [6, 6, 6]
+    start = 0
+    for layer in group:
+        end = start + layer.out_features
+        _assert_float32_sums(got.reshape(6, 80)[:, start:end], x.reshape(6, 64), layer.weight, layer.bias)
+        start = end
+
+
+@needs_kernel
+def test_a_tied_head_projects_a_few_rows_on_the_kernel(monkeypatch):
+    calls = _calls(monkeypatch)
+    head = torch.randn(1000, 32)
+    x = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        got = fused.project(x, head)
+    assert got.shape == (4, 1, 1000) and calls == [4]
+    _assert_float32_sums(got.reshape(4, 1000), x.reshape(4, 32), head, None)
