@@ -5,9 +5,9 @@
    it at a third of the memory bandwidth at 8 rows (it repacks W on every call), this at 85-95% of what
    its own matrix-vector product reads. Each thread takes a contiguous range of W's rows, three at a
    time; each group of up to 8 rows of X is multiplied with those three, the first group while they
-   stream in from memory, the others from the core's cache. A software prefetch 12 KiB ahead in each
-   of the three row streams keeps enough reads in flight (without it: 23 against 27-28 GB/s on the
-   machine of docs/benchmarks.md).
+   stream in from memory, the others from the core's cache. A software prefetch ahead in each of the
+   three row streams keeps enough reads in flight (without it: 23 against 27-28 GB/s on the machine
+   of docs/benchmarks.md).
 
    The sums are float32 in another order than MKL's: results differ from F.linear's by rounding
    (about 1e-7 relative), not bit for bit. */
@@ -15,7 +15,12 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#define PREFETCH_AHEAD 3072 /* floats (12 KiB) ahead in each weight row's stream */
+/* how far ahead (floats) each weight row's stream is prefetched: 12 KiB for rows of up to 2048 values,
+   18 KiB for longer ones. Measured over a bloom-560m layer sequence at 8 rows (GB/s, 1024 / 4096
+   values a row): 6 KiB 19-20 / 22; 12 KiB 23-24.5 / 20.5-21; 18 KiB 22-24 / 23-24.6; 24 KiB and more
+   21.5-23 / 22-23 */
+#define PREFETCH_SHORT_ROWS 3072
+#define PREFETCH_LONG_ROWS 4608
 #define GROUP 8             /* rows of X per pass: 3 x 8 accumulators fill 24 of the 32 registers */
 
 /* 1 if this CPU has AVX-512F (and the OS saves its registers), else 0 */
@@ -39,11 +44,12 @@ static inline __attribute__((always_inline)) void block(const float* X, int64_t 
         for (int g = 0; g < G; g++) acc[r][g] = _mm512_setzero_ps();
     const float* w = W + n * ldw;
     const float* x = X + m0 * ldx;
+    const int64_t ahead = K > 2048 ? PREFETCH_LONG_ROWS : PREFETCH_SHORT_ROWS;
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 wv[3];
         for (int r = 0; r < R; r++) {
-            if (prefetch) _mm_prefetch((const char*)(w + r * ldw + k + PREFETCH_AHEAD), _MM_HINT_T0);
+            if (prefetch) _mm_prefetch((const char*)(w + r * ldw + k + ahead), _MM_HINT_T0);
             wv[r] = _mm512_loadu_ps(w + r * ldw + k);
         }
         for (int g = 0; g < G; g++) {
