@@ -19,9 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +34,7 @@ ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "tanh":
 K_MULTIPLE = 32  # in_features must be a multiple of this (one tile of k); out_features may be anything
 
 
-@dataclass(frozen=True)
-class Status:
-    """Whether the AMX kernel is in use, and why not when it is not."""
-
-    ready: bool
-    reason: str
-    library: str | None = None
+Status = native.KernelStatus
 
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -65,21 +57,16 @@ _library: ctypes.CDLL | None = None  # set once the kernel has passed its check
 def status() -> Status:
     """Build, load and check the kernel once per process; say whether it is used and why not."""
     global _library
-    if os.environ.get("REGISTRY_AMX", "1") == "0":
-        return Status(False, "turned off by REGISTRY_AMX=0")
-    loaded = native.load()
-    if loaded.library is None:
-        return Status(False, loaded.problem)
-    library, path = _bind(loaded.library), loaded.path
-    if not library.registry_amx_ready():
-        return Status(False, "this CPU lacks AMX-BF16 or AVX512-BF16, or the OS refused the tile registers", path)
-    problem = _self_check(library)
-    if problem:
-        log.warning("the AMX linear kernel failed its check; bfloat16 runs on oneDNN: %s", problem)
-        return Status(False, f"the kernel failed its check against F.linear: {problem}", path)
-    _library = library  # published only now: no caller sees an unchecked kernel
-    log.debug("AMX linear kernel ready: %s", path)
-    return Status(True, "ready", path)
+    result, _library = native.check_kernel(
+        switch="REGISTRY_AMX",
+        bind=_bind,
+        capable="registry_amx_ready",
+        incapable="this CPU lacks AMX-BF16 or AVX512-BF16, or the OS refused the tile registers",
+        self_check=_self_check,
+        truth="F.linear",
+        fallback="bfloat16 runs on oneDNN",
+    )
+    return result  # _library is set only when every check passed: no caller sees an unchecked kernel
 
 
 def ready() -> bool:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +34,7 @@ MIN_ROWS = 2  # one row: MKL's matrix-vector product streams at the bandwidth al
 MAX_ROWS = 16  # beyond, the kernel's second pass over each weight block from cache stops paying
 
 
-@dataclass(frozen=True)
-class Status:
-    """Whether the AVX-512 float32 kernel is in use, and why not when it is not."""
-
-    ready: bool
-    reason: str
-    library: str | None = None
+Status = native.KernelStatus
 
 
 def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -64,20 +56,16 @@ _library: ctypes.CDLL | None = None  # set once the kernel has passed its check
 def status() -> Status:
     """Build, load and check the kernel once per process; say whether it is used and why not."""
     global _library
-    if os.environ.get("REGISTRY_AVX512", "1") == "0":
-        return Status(False, "turned off by REGISTRY_AVX512=0")
-    loaded = native.load()
-    if loaded.library is None:
-        return Status(False, loaded.problem)
-    library = _bind(loaded.library)
-    if not library.registry_avx512_ready():
-        return Status(False, "this CPU lacks AVX-512F, or the OS does not save its registers", loaded.path)
-    problem = _self_check(library)
-    if problem:
-        log.warning("the AVX-512 float32 kernel failed its check; float32 runs on F.linear: %s", problem)
-        return Status(False, f"the kernel failed its check against a float64 product: {problem}", loaded.path)
-    _library = library  # published only now: no caller sees an unchecked kernel
-    return Status(True, "ready", loaded.path)
+    result, _library = native.check_kernel(
+        switch="REGISTRY_AVX512",
+        bind=_bind,
+        capable="registry_avx512_ready",
+        incapable="this CPU lacks AVX-512F, or the OS does not save its registers",
+        self_check=_self_check,
+        truth="a float64 product",
+        fallback="float32 runs on F.linear",
+    )
+    return result  # _library is set only when every check passed: no caller sees an unchecked kernel
 
 
 def ready() -> bool:

@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +116,42 @@ def load() -> Loaded:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("registry's C kernels did not build or load; their layers run on PyTorch's: %s", error)
         return Loaded(None, f"the kernel did not build or load: {error}")
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether a kernel is in use, and why not when it is not."""
+
+    ready: bool
+    reason: str
+    library: str | None = None
+
+
+def check_kernel(
+    *,
+    switch: str,
+    bind: Callable[[ctypes.CDLL], ctypes.CDLL],
+    capable: str,
+    incapable: str,
+    self_check: Callable[[ctypes.CDLL], str | None],
+    truth: str,
+    fallback: str,
+) -> tuple[KernelStatus, ctypes.CDLL | None]:
+    """The steps every kernel takes before it is used: not turned off by ``$switch=0``, the library loaded,
+    its functions bound (``bind``), the CPU able (the library's ``capable()`` returns 1; else the reason
+    ``incapable``), and ``self_check`` passed (it returns None, or what was wrong, checked against
+    ``truth``). Returns the status and the library, which is None unless every step passed."""
+    if os.environ.get(switch, "1") == "0":
+        return KernelStatus(False, f"turned off by {switch}=0"), None
+    loaded = load()
+    if loaded.library is None:
+        return KernelStatus(False, loaded.problem), None
+    library = bind(loaded.library)
+    if not getattr(library, capable)():
+        return KernelStatus(False, incapable, loaded.path), None
+    problem = self_check(library)
+    if problem:
+        log.warning("a registry kernel failed its check against %s; %s: %s", truth, fallback, problem)
+        return KernelStatus(False, f"the kernel failed its check against {truth}: {problem}", loaded.path), None
+    log.debug("%s ready: %s", capable, loaded.path)
+    return KernelStatus(True, "ready", loaded.path), library

@@ -18,19 +18,9 @@ from torch import nn
 
 from registry import amx, fused
 
+from ..conftest import cpu_flags
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-CAPABLE = {"amx_bf16", "amx_tile", "avx512_bf16"} <= _cpu_flags() and shutil.which(os.environ.get("CC") or "cc")
+CAPABLE = {"amx_bf16", "amx_tile", "avx512_bf16"} <= cpu_flags() and shutil.which(os.environ.get("CC") or "cc")
 needs_kernel = pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
 
 

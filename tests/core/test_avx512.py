@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,19 +17,9 @@ from torch import nn
 
 from registry import avx512, fused
 
+from ..conftest import cpu_flags
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-CAPABLE = "avx512f" in _cpu_flags() and shutil.which(os.environ.get("CC") or "cc")
+CAPABLE = "avx512f" in cpu_flags() and shutil.which(os.environ.get("CC") or "cc")
 needs_kernel = pytest.mark.skipif(not avx512.ready(), reason=f"kernel not usable here: {avx512.status().reason}")
 
 
