@@ -20,6 +20,10 @@ outputs (a transformer's query, key and value projections as one GEMM). Families
 * a language-model head tied to the embeddings (:func:`project`) is never packed: bfloat16 runs on the
   AMX kernel; without it, one row runs as a GEMV, a few bfloat16 rows as ``W @ x^T``.
 
+A family whose reference computes the activation its own way (BLOOM's tanh-GELU: another constant,
+nine float32 operations) passes that as ``reference_activation``: it runs wherever the product is the
+reference's to the bit, and the named activation, fused or in one pass, where a kernel rounds anyway.
+
 The fast path applies only where it computes the same function (results differ by rounding only;
 float32 ones not at all outside the few-row kernel) and nothing is lost: CPU tensors, autograd
 off (``torch.no_grad`` / ``torch.inference_mode``), and the kernels present in this torch build.
@@ -403,19 +407,31 @@ def _run_blocks(gemm: Callable[[slice], Tensor], rows: int, block: int) -> Tenso
     return torch.cat([gemm(slice(start, start + block)) for start in range(0, rows, block)])
 
 
-def _plain(x: Tensor, group: Sequence[nn.Linear], activation: str | None, residual: Tensor | None) -> Tensor:
+def _plain(
+    x: Tensor,
+    group: Sequence[nn.Linear],
+    activation: str | None,
+    residual: Tensor | None,
+    reference_activation: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """``F.linear`` and the epilogue as separate operations (in place on the fresh output where
-    autograd is off)."""
+    autograd is off). ``reference_activation`` replaces the activation where the product is the
+    reference's to the bit (everywhere but the few-row float32 kernel)."""
+    exact = True  # the product is F.linear's, bit for bit
     if not _fast_path(x):
         y = F.linear(x, *_weights(group))
-    elif len(group) == 1:
-        y = _few_rows_linear(x, group[0].weight, group[0].bias)
     else:  # without autograd, one GEMM per layer beats concatenating their weights on every call
         on_kernel = _few_rows_f32(x, [(layer.weight, layer.bias) for layer in group])
+        exact = on_kernel is None
         if on_kernel is not None:
             y = on_kernel
+        elif len(group) == 1:
+            y = _few_rows_linear(x, group[0].weight, group[0].bias)
         else:
             y = torch.cat([_few_rows_linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
+    if activation is not None and exact and reference_activation is not None:
+        y = reference_activation(y)
+        return y if residual is None else y + residual
     if torch.is_grad_enabled():
         if activation is not None:
             y = ACTIVATIONS[activation](y)
@@ -431,6 +447,7 @@ def linear(
     *,
     activation: str | None = None,
     residual: Tensor | None = None,
+    reference_activation: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``activation(x @ W^T + b) + residual`` with W, b the layers' weights and biases concatenated
     along the output dimension.
@@ -440,6 +457,11 @@ def linear(
         layers: one linear layer, or several with the same input (their outputs side by side).
         activation: one of :data:`ACTIVATIONS`, or None.
         residual: (..., out_features) added last, or None.
+        reference_activation: the activation as the reference model computes it, where that differs from
+            the named one by rounding (BLOOM's tanh-GELU: another constant, nine float32 operations). It
+            runs wherever the product is the reference's to the bit (``F.linear``, MKL), so that those
+            results stay the reference's; the named activation runs where the product already differs by
+            rounding (the AMX, oneDNN and few-row float32 kernels), fused or in place.
 
     Raises:
         ValueError: an unknown activation.
@@ -456,13 +478,13 @@ def linear(
         return y
     kernel = _kernel_for(x)
     if kernel is None:
-        return _plain(x, group, activation, residual)
+        return _plain(x, group, activation, residual, reference_activation)
     leading = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     entry = _packed_weights(group, kernel, x2.shape[0])
     if entry is None:  # no memory for a packed copy: the AMX kernel at any row count, else the plain path
         y = _amx_linear(x, group, activation, residual, any_rows=True)
-        return y if y is not None else _plain(x, group, activation, residual)
+        return y if y is not None else _plain(x, group, activation, residual, reference_activation)
     packed, weight, bias, out_features, _ = entry
     if kernel == "onednn-bf16":
         other = None
@@ -482,6 +504,6 @@ def linear(
     else:
         y = torch.ops.mkl._mkl_linear(x2, packed, weight, bias, x2.shape[0])
         if activation is not None:
-            y = _IN_PLACE[activation](y)
+            y = _IN_PLACE[activation](y) if reference_activation is None else reference_activation(y)
     y = y.view(*leading, out_features)
     return y if residual is None else y.add_(residual)

@@ -164,10 +164,10 @@ class BloomMLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        if x.dtype == torch.bfloat16:  # the tanh GELU in the GEMM's epilogue: same function, bf16 rounding
-            h = linear(x, self.dense_h_to_4h, activation="gelu_tanh")
-        else:  # the reference's arithmetic, so that float32 logits match it to the last bit where they can
-            h = bloom_gelu(linear(x, self.dense_h_to_4h))
+        # BLOOM's own arithmetic where the product is the reference's to the bit (so float32 logits stay
+        # the reference's); where a kernel already rounds differently, the tanh-GELU in one pass
+        # (the GEMM's epilogue for bfloat16, one in-place operation for a few float32 rows)
+        h = linear(x, self.dense_h_to_4h, activation="gelu_tanh", reference_activation=bloom_gelu)
         if self.tp_slices:
             out = tp_linear(h, self.dense_4h_to_h, self.tp_slices)
         elif not (self.training and self.hidden_dropout):

@@ -192,3 +192,36 @@ def test_a_tied_head_projects_a_few_rows_on_the_kernel(monkeypatch):
         got = fused.project(x, head)
     assert got.shape == (4, 1, 1000) and calls == [4]
     _assert_float32_sums(got.reshape(4, 1000), x.reshape(4, 32), head, None)
+
+
+def _bloom_gelu(y: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh-GELU as its reference computes it: nine float32 operations, another constant."""
+    return y * 0.5 * (1.0 + torch.tanh(0.79788456 * y * (1 + 0.044715 * y * y)))
+
+
+@needs_kernel
+def test_the_reference_activation_runs_wherever_the_product_is_the_reference_s(monkeypatch):
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    reference_rows: list[int] = []
+
+    def reference(y: torch.Tensor) -> torch.Tensor:
+        reference_rows.append(y.shape[0])
+        return _bloom_gelu(y)
+
+    with torch.no_grad():
+        for rows in (1, 2, 16, 17, 300):  # GEMV, the kernel's two ends, F.linear, MKL's packed GEMM
+            x = torch.randn(rows, 64)
+            got = fused.linear(x, layer, activation="gelu_tanh", reference_activation=reference)
+            exact = _bloom_gelu(F.linear(x, layer.weight, layer.bias))
+            if rows in (2, 16):  # the kernel rounds the product its own way: the named activation, in place
+                torch.testing.assert_close(got, exact, atol=1e-5, rtol=1e-5)
+            else:  # the reference's product and the reference's activation: its numbers, bit for bit
+                assert torch.equal(got, exact), rows
+    assert calls == [2, 16] and reference_rows == [1, 17, 300]
+    x = torch.randn(8, 64)  # autograd on: F.linear and the reference's activation, differentiable
+    got = fused.linear(x, layer, activation="gelu_tanh", reference_activation=reference)
+    assert torch.equal(got, _bloom_gelu(F.linear(x, layer.weight, layer.bias)))
+    got.sum().backward()
+    assert reference_rows == [1, 17, 300, 8] and layer.weight.grad is not None
