@@ -16,11 +16,12 @@
 #include <stdint.h>
 
 /* how far ahead (floats) each weight row's stream is prefetched: 12 KiB for rows of up to 2048 values,
-   18 KiB for longer ones. Measured over a bloom-560m layer sequence at 8 rows (GB/s, 1024 / 4096
+   48 KiB for longer ones. Measured over a bloom-560m layer sequence at 8 rows (GB/s, 1024 / 4096
    values a row): 6 KiB 19-20 / 22; 12 KiB 23-24.5 / 20.5-21; 18 KiB 22-24 / 23-24.6; 24 KiB and more
-   21.5-23 / 22-23 */
+   21.5-23 / 22-23 (an earlier session). A later A/B over the same sequence, variants alternating in one
+   process (ms for the 24 mlp-down layers): 18 KiB 19.6, 32 KiB 19.2, 48 KiB 17.8, 64 KiB 18.2 */
 #define PREFETCH_SHORT_ROWS 3072
-#define PREFETCH_LONG_ROWS 4608
+#define PREFETCH_LONG_ROWS 12288
 #define GROUP 8             /* rows of X per pass: 3 x 8 accumulators fill 24 of the 32 registers */
 
 /* 1 if this CPU has AVX-512F (and the OS saves its registers), else 0 */
