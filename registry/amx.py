@@ -3,8 +3,9 @@
 ``linear(x, weight, bias, residual=..., out=..., activation=...)`` computes
 ``activation(x @ weight^T + bias) + residual`` for 2-d bfloat16 CPU tensors, accumulating in float32 and
 rounding once. The kernel (``registry/csrc/amx_linear.c``) reads the weight where it lies, so no packed
-copy is kept, and the same code serves one row (a decode step, streamed at close to the memory bandwidth)
-and a prompt's hundreds of rows (AMX throughput). :mod:`registry.fused` routes bfloat16 linear layers here
+copy is kept, and the same code serves a few rows (a decode step, streamed at close to the memory
+bandwidth; one row as AVX512-BF16 dot products, which stream faster than tile loads) and a prompt's
+hundreds of rows (AMX throughput). :mod:`registry.fused` routes bfloat16 linear layers here
 when :func:`status` says the kernel is ready.
 
 The kernel is built with the other C kernels by :mod:`registry.native` on first use, and checked

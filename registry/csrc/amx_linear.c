@@ -3,8 +3,9 @@
    X is M x K, W is N x K (an nn.Linear weight, used where it lies: no packed copy), Y and R are M x N; all
    bfloat16, accumulated in float32 and rounded once. The product is computed transposed, C = W X^T, so
    that the weight tiles (16 rows of W x 32 values of k) load straight from W; only X is rearranged, into
-   pairs of k along its rows (the tile layout of the B operand). One kernel serves a decode step (M = 1:
-   streamed at close to the memory bandwidth) and a prompt (M in the hundreds: AMX throughput).
+   pairs of k along its rows (the tile layout of the B operand). One kernel serves a decode step (a few
+   rows, streamed at close to the memory bandwidth; M = 1 as AVX512-BF16 dot products: see one_row) and a
+   prompt (M in the hundreds: AMX throughput).
 
    Threads: OpenMP, the runtime PyTorch itself loads (libgomp.so.1), as many as torch.get_num_threads() says.
    Built by registry/amx.py with gcc on first use; see docs/architecture.md. */
@@ -230,6 +231,48 @@ static void tail_outputs(const uint16_t* X, int64_t M, int64_t ldx, const uint16
     }
 }
 
+/* how far ahead (bfloat16 values) the one-row path prefetches each weight row's stream: 8 KiB, 48 KiB for
+   rows longer than 2048 values (the mlp-down layers of bloom-560m) */
+#define ONE_ROW_AHEAD 4096
+#define ONE_ROW_AHEAD_LONG 24576
+
+/* sums[0..3] = weight rows n .. n+3 . x, as AVX512-BF16 dot products (four row streams, each prefetched) */
+static inline void four_dots(const uint16_t* x, const uint16_t* W, int64_t ldw, int64_t K, int64_t n, float* sums) {
+    const int64_t ahead = K > 2048 ? ONE_ROW_AHEAD_LONG : ONE_ROW_AHEAD;
+    const uint16_t* w = W + n * ldw;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < K; k += 32) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char*)(w + r * ldw + k + ahead), _MM_HINT_T0);
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * ldw + k), xv);
+        }
+    }
+    for (int r = 0; r < 4; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* M = 1 (a decode step of one sequence): a tile multiply would use one of its 16 rows, and the weight's
+   16-row tile loads stream slower than plain loads (bloom-560m's layers and head in sequence: 43.7 against
+   47.6 ms, AMX tiles against this). Each thread takes a contiguous range of 16-output groups; the sums
+   are AVX512-BF16 dot products (float32, as the tiles'), finished by the same epilogue. */
+static void one_row(const uint16_t* x, const uint16_t* W, int64_t N, int64_t K, int64_t ldw, const epilogue_args* e,
+                    int threads) {
+    const int64_t groups = N / 16;
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        const unsigned int caller_csr = _mm_getcsr(); /* as in registry_linear_bf16: FTZ/DAZ for the epilogue */
+        _mm_setcsr(caller_csr | 0x8040);
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            float sums[16] __attribute__((aligned(64)));
+            for (int b = 0; b < 4; b++) four_dots(x, W, ldw, K, 16 * g + 4 * b, sums + 4 * b);
+            finish(_mm512_load_ps(sums), 0, 16 * g, (__mmask16)0xffff, e);
+        }
+        if (16 * groups < N) tail_outputs(x, 1, K, W, 16 * groups, N, K, ldw, e);
+        _mm_setcsr(caller_csr);
+    }
+}
+
 /* tiles 0-3 += (weight rows w0, w1: 16 each) x (packed rows x, x + 16: 16 each) over k in [k0, k1) */
 static inline void accumulate_2x2(const uint16_t* w0, const uint16_t* w1, int64_t sw, const uint32_t* x, int64_t Mp,
                                   int64_t k0, int64_t k1) {
@@ -321,9 +364,13 @@ static uint32_t* packed_rows(int64_t K) {
 int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t N, int64_t K,
                          int64_t ldw, const uint16_t* bias, const uint16_t* R, int64_t ldr, uint16_t* Y, int64_t ldy,
                          int act, int threads) {
+    const epilogue_args e = {bias, R, ldr, Y, ldy, act};
+    if (M == 1) {
+        one_row(X, W, N, K, ldw, &e, threads);
+        return 0;
+    }
     uint32_t* const XT = packed_rows(K);
     if (XT == NULL) return -1;
-    const epilogue_args e = {bias, R, ldr, Y, ldy, act};
     const int64_t N16 = N / 16 * 16, nblocks = (N16 + 31) / 32, sw = ldw * 2;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {

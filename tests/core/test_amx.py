@@ -92,7 +92,8 @@ def _truth(x, w, b, r, activation):
 
 
 SHAPES = [  # (rows, out_features, in_features): what each exercises
-    (1, 48, 64),  # a decode step: one row, packed rows padded to a tile
+    (1, 48, 64),  # a decode step: one row (dot products, not tiles), whole groups of 16 outputs
+    (1, 53, 4160),  # one row: an output tail, rows long enough for the far prefetch
     (3, 37, 96),  # outputs past the last full tile of 16 (AVX-512 tail)
     (8, 250, 32),  # one k tile; a lone 16-output block after the 32-wide ones
     (40, 64, 128),  # row tiles in blocks of 32 and a last block of 16
