@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from registry import hugepages
 from registry.discovery import default_catalog
 from registry.errors import InvalidSpecError, PluginLoadError, UnknownOverrideError, UnknownPresetError
 from registry.hooks import manager
@@ -140,6 +141,8 @@ def assemble(spec: ModelSpec, *, device: str, init: bool = True) -> AssembledMod
     model.to(getattr(torch, spec.dtype))
     if device_type != "meta" and init:
         model.to_empty(device=device)
+        if device_type == "cpu":  # before the first write: the weights' pages are allocated as huge pages
+            model.manifest["memory"] = hugepages.place(model, copy=False).as_dict()
         initialize(model, family, spec.config)
     model.eval()
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from registry import hugepages
 from registry.discovery import default_catalog
 from registry.errors import CheckpointError, InvalidSpecError
 from registry.interfaces import Family
@@ -35,6 +37,9 @@ _TASK_KEYS = ("problem_type", "classifier_dropout")
 
 
 # -- config.json <-> spec ---------------------------------------------------------------------------
+
+
+READ_CHUNK = 8 << 20  # bytes read from a checkpoint per copy into huge-page memory (a small transient)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -162,6 +167,23 @@ class _Tensors:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.where[name].get_slice(name).get_shape())
 
+    def get_on_huge_pages(self, name: str, dtype: torch.dtype) -> Tensor:
+        """The tensor converted to ``dtype`` on huge-page memory (:mod:`registry.hugepages`), copied in
+        slices of about READ_CHUNK bytes: no full-size copy of it is held on the way."""
+        shape = self.shape(name)
+        out = hugepages.empty(shape, dtype)
+        row = out[0].numel() * out.element_size() if shape and shape[0] else 1
+        step = max(1, READ_CHUNK // max(row, 1))
+        try:
+            part = self.where[name].get_slice(name)
+            for start in range(0, shape[0], step):
+                out[start : start + step].copy_(part[start : start + step])
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read tensor '{name}' from '{self.file_of[name]}': {error} (truncated file?)"
+            ) from error
+        return out
+
     def get(self, name: str) -> Tensor:
         try:
             return self.where[name].get_tensor(name)
@@ -238,9 +260,25 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
         if stray and strict:
             raise CheckpointError(f"checkpoint '{folder}' has tensors the model does not: {', '.join(stray[:20])}")
         report["unused"] = unused
+        huge = torch.device(device).type == "cpu" and hugepages.available()
+        placement = hugepages.Placement(reason="" if huge else f"not used: transparent huge pages {hugepages.mode()}")
+        element = torch.empty((), dtype=dtype).element_size()
         for key, name in plan.items():
-            _set_tensor(model, key, tensors.get(name).to(device=device, dtype=dtype))
+            shape = tensors.shape(name)
+            if huge and shape and math.prod(shape) * element >= hugepages.MIN_BYTES:
+                value = tensors.get_on_huge_pages(name, dtype)
+                placement.moved += 1
+                placement.bytes += value.numel() * element
+            else:
+                read = tensors.get(name)
+                value = read.to(device=device, dtype=dtype)
+                if huge and value.untyped_storage().data_ptr() == read.untyped_storage().data_ptr():
+                    # a view of the file's mapping would keep the whole mapping, and the pages the copies
+                    # above read from it, resident: a small copy lets it go when loading ends
+                    value = value.clone()
+            _set_tensor(model, key, value)
             report["loaded"] += 1
+        report["memory"] = placement.as_dict()
     if missing:
         from registry.build import initialize
 
@@ -301,7 +339,9 @@ def from_pretrained(path: str | os.PathLike[str], **overrides: Any) -> Any:
     spec_overrides, device = split_build_options(overrides)
     spec = resolve_spec(data, spec_overrides)
     model = assemble(spec, device=device, init=False)
-    model.manifest["checkpoint"] = {"path": str(folder), **load_weights(model, folder, device=device)}
+    loaded = load_weights(model, folder, device=device)
+    model.manifest["memory"] = loaded.pop("memory")
+    model.manifest["checkpoint"] = {"path": str(folder), **loaded}
     _attach_tokenizer(model, folder)
     manager().hook.registry_build_finished(model=model, manifest=model.manifest)
     return model

@@ -1,0 +1,127 @@
+"""Large CPU weights on transparent huge pages (2 MiB) instead of 4 KiB pages.
+
+A decode step reads every weight once, so its speed is the speed at which memory streams. On the
+2-core machine of docs/benchmarks.md, the same 512 MB read at 21-23 GB/s or at 29-30 depending on the
+pages behind it: the first gigabyte a process allocates came in 4 KiB pages scattered over physical
+memory, and streamed a quarter slower than later allocations, or than any allocation advised for huge
+pages. Which weights were slow depended on allocation order (a model built first lost to one loaded
+after it). PyTorch's allocator advises huge pages only under ``THP_MEM_ALLOC_ENABLE=1``, read once at
+startup; this module does it for the weights alone.
+
+:func:`empty` returns an uninitialised CPU tensor on fresh anonymous memory, 2 MiB aligned and advised
+for huge pages (``madvise(MADV_HUGEPAGE)``) before anything touches it: its pages are allocated as the
+tensor is first written, and only then. :func:`place` moves a model's large parameters and buffers there
+(``registry.build`` and ``registry.from_pretrained`` call it for CPU models; the manifest's ``memory``
+entry records what it did). Nothing is moved, and the report says why, where the kernel does not offer
+transparent huge pages for advised memory (``/sys/kernel/mm/transparent_hugepage/enabled`` set to
+``never``, or not Linux), for tensors below MIN_BYTES, or with ``REGISTRY_HUGE_PAGES=0``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+HUGE_PAGE = 2 << 20
+MIN_BYTES = 4 << 20  # smaller tensors would waste most of a huge page (the tail is rounded up to one)
+_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def mode() -> str:
+    """The kernel's transparent huge page setting ("always", "madvise" or "never"), or why it is unknown."""
+    if os.environ.get("REGISTRY_HUGE_PAGES", "1") == "0":
+        return "turned off by REGISTRY_HUGE_PAGES=0"
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return "not offered on this platform (no MADV_HUGEPAGE)"
+    try:
+        text = _SETTING.read_text()
+    except OSError:
+        return f"unknown ({_SETTING} is not readable)"
+    chosen = [word.strip("[]") for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else f"unknown ({_SETTING} reads {text.strip()!r})"
+
+
+def available() -> bool:
+    """Whether advised memory gets huge pages here."""
+    return mode() in ("always", "madvise")
+
+
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
+    """An uninitialised contiguous CPU tensor on memory advised for huge pages (see the module's docstring).
+
+    Raises:
+        RuntimeError: huge pages are not available here (:func:`mode` says why).
+    """
+    if not available():
+        raise RuntimeError(f"transparent huge pages are not available: {mode()}")
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    length = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to start on a 2 MiB boundary
+    memory = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(memory, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -whole.data_ptr() % HUGE_PAGE
+    memory.madvise(mmap.MADV_HUGEPAGE, start, length - start)
+    return whole[start : start + nbytes].view(dtype).view(tuple(shape))
+
+
+@dataclass
+class Placement:
+    """What :func:`place` did: tensors moved and their bytes, or why none were."""
+
+    moved: int = 0
+    bytes: int = 0
+    reason: str = ""
+    names: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"huge_pages": self.reason or f"{self.moved} tensors, {self.bytes / 2**20:.0f} MiB"}
+
+
+def place(model: nn.Module, *, copy: bool = True) -> Placement:
+    """Move every CPU parameter and buffer of at least MIN_BYTES onto huge-page memory, in place (the
+    same ``nn.Parameter`` objects; tied weights stay tied). ``copy=False`` leaves the new memory
+    uninitialised and untouched (for weights about to be initialised)."""
+    setting = mode()
+    if setting not in ("always", "madvise"):
+        return Placement(reason=f"not used: transparent huge pages {setting}")
+    report = Placement()
+    replaced: dict[int, Tensor] = {}  # a buffer held by several modules is moved once, for all of them
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            for table in (module._parameters, module._buffers):
+                for attr, tensor in table.items():
+                    if tensor is None or not worth_moving(tensor):
+                        continue
+                    if id(tensor) in replaced:
+                        if not isinstance(tensor, nn.Parameter):
+                            table[attr] = replaced[id(tensor)]
+                        continue
+                    moved = empty(tensor.shape, tensor.dtype)
+                    if copy:
+                        moved.copy_(tensor)
+                    replaced[id(tensor)] = moved
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = moved  # every module holding this Parameter sees the new memory
+                    else:
+                        table[attr] = moved
+                    report.moved += 1
+                    report.bytes += moved.numel() * moved.element_size()
+                    report.names.append(f"{name}.{attr}" if name else attr)
+    return report
+
+
+def worth_moving(tensor: Tensor) -> bool:
+    """A contiguous CPU tensor of at least MIN_BYTES."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.layout == torch.strided
+        and tensor.is_contiguous()
+        and tensor.numel() * tensor.element_size() >= MIN_BYTES
+    )
