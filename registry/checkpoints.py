@@ -9,6 +9,7 @@ dropped and reported.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -144,6 +145,22 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"'{folder}' has neither {SINGLE} nor {INDEX}{hint}")
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's tensor table and the offset where its data starts."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        table = json.loads(f.read(length))
+    table.pop("__metadata__", None)
+    return table, 8 + length
+
+
 class _Tensors:
     """Every tensor name in a checkpoint, read lazily from memory-mapped safetensors files."""
 
@@ -152,6 +169,7 @@ class _Tensors:
 
         self.where: dict[str, Any] = {}
         self.file_of: dict[str, Path] = {}
+        self.headers: dict[Path, tuple[dict[str, Any], int]] = {}  # read on first use
         for path in files:
             try:
                 handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
@@ -168,20 +186,40 @@ class _Tensors:
         return tuple(self.where[name].get_slice(name).get_shape())
 
     def get_on_huge_pages(self, name: str, dtype: torch.dtype) -> Tensor:
-        """The tensor converted to ``dtype`` on huge-page memory (:mod:`registry.hugepages`), copied in
-        slices of about READ_CHUNK bytes: no full-size copy of it is held on the way."""
-        shape = self.shape(name)
-        out = hugepages.empty(shape, dtype)
-        row = out[0].numel() * out.element_size() if shape and shape[0] else 1
-        step = max(1, READ_CHUNK // max(row, 1))
+        """The tensor converted to ``dtype`` on huge-page memory (:mod:`registry.hugepages`), read from
+        its file with plain reads, READ_CHUNK bytes at a time. Not through the file's memory mapping:
+        every page read through it would stay mapped, and count, until loading ends (twice the weights
+        at the peak)."""
+        path = self.file_of[name]
+        if path not in self.headers:
+            self.headers[path] = _header(path)
+        entry, data_start = self.headers[path]
+        stored = _SAFETENSORS_DTYPES.get(entry[name]["dtype"])
+        begin, end = entry[name]["data_offsets"]
+        out = hugepages.empty(self.shape(name), dtype)
+        if stored is None:  # a dtype this reader does not map: read through safetensors instead
+            out.copy_(self.get(name))
+            return out
+        size = torch.empty((), dtype=stored).element_size()
+        flat = out.view(-1)
         try:
-            part = self.where[name].get_slice(name)
-            for start in range(0, shape[0], step):
-                out[start : start + step].copy_(part[start : start + step])
-        except Exception as error:
-            raise CheckpointError(
-                f"cannot read tensor '{name}' from '{self.file_of[name]}': {error} (truncated file?)"
-            ) from error
+            with open(path, "rb") as f:
+                f.seek(data_start + begin)
+                if stored == dtype:  # straight into the tensor's memory
+                    view = (ctypes.c_char * (end - begin)).from_address(out.data_ptr())
+                    if f.readinto(view) != end - begin:
+                        raise OSError(f"{end - begin} bytes expected")
+                else:
+                    done, chunk = 0, bytearray(READ_CHUNK // size * size)
+                    while done < end - begin:
+                        got = f.readinto(memoryview(chunk)[: min(len(chunk), end - begin - done)])
+                        if not got:
+                            raise OSError(f"{end - begin} bytes expected, the file ends after {done}")
+                        values = torch.frombuffer(chunk, dtype=stored, count=got // size)
+                        flat[done // size : (done + got) // size].copy_(values)
+                        done += got
+        except OSError as error:
+            raise CheckpointError(f"cannot read tensor '{name}' from '{path}': {error} (truncated file?)") from error
         return out
 
     def get(self, name: str) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import registry
-from registry import hugepages
+from registry import checkpoints, hugepages
 
 needs_huge_pages = pytest.mark.skipif(
     not hugepages.available(), reason=f"transparent huge pages here: {hugepages.mode()}"
@@ -100,3 +100,35 @@ def test_built_and_loaded_models_hold_their_large_weights_on_huge_pages(tmp_path
         assert (got.data_ptr() % hugepages.HUGE_PAGE == 0) == (got.numel() * got.element_size() >= hugepages.MIN_BYTES)
     assert loaded.manifest["memory"]["huge_pages"].startswith("1 tensors")
     assert plain.manifest["memory"]["huge_pages"].startswith("not used")
+
+
+@needs_huge_pages
+def test_a_checkpoint_converted_on_loading_reads_the_same_numbers(tmp_path, monkeypatch):
+    registry.build("bloom-560m", n_layer=1, hidden_size=64, n_head=2, vocab_size=40000).save_pretrained(tmp_path)
+    loaded = registry.from_pretrained(tmp_path, dtype="bfloat16")  # float32 on disk: read in slices, converted
+    monkeypatch.setenv("REGISTRY_HUGE_PAGES", "0")
+    plain = registry.from_pretrained(tmp_path, dtype="bfloat16")
+    assert loaded.manifest["memory"]["huge_pages"].startswith("1 tensors")
+    for (name, got), (_, expected) in zip(loaded.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected), name
+
+
+@needs_huge_pages
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # read in place, and read converted in slices
+def test_a_tensor_cut_short_is_a_clear_error(tmp_path, monkeypatch, dtype):
+    registry.build("bloom-560m", n_layer=1, hidden_size=64, n_head=2, vocab_size=40000).save_pretrained(tmp_path)
+    real = checkpoints._header
+
+    def cut(path):  # as if the file ended inside the embedding: its offsets run past the end
+        table, start = real(path)
+        name = "transformer.word_embeddings.weight"
+        begin, end = table[name]["data_offsets"]
+        size = path.stat().st_size - start
+        return {
+            **table,
+            name: {**table[name], "data_offsets": [size - (end - begin) // 2, size + (end - begin) // 2]},
+        }, start
+
+    monkeypatch.setattr(checkpoints, "_header", cut)
+    with pytest.raises(registry.errors.CheckpointError, match="word_embeddings.weight.*bytes expected"):
+        registry.from_pretrained(tmp_path, dtype=dtype)
