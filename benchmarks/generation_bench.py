@@ -695,6 +695,9 @@ NOTES = """## Comparability
   timed separately, so they carry each loop's per-step overhead but not the prefill's.
 - Same weights (built by ours with a fixed seed, saved, loaded by the reference in the same dtype), same torch
   thread count, one process, `torch.inference_mode()`, calls alternating.
+- Pages: ours holds its large weights on transparent huge pages (`registry.hugepages`, recorded in its
+  manifest), the reference where PyTorch's allocator puts them (4 KiB pages unless the process runs with
+  `THP_MEM_ALLOC_ENABLE=1`, which advises huge pages for every large allocation, on both sides).
 - Memory: each figure comes from a fresh process that loads the same safetensors folder (ours with
   `registry.from_pretrained`, the reference with `from_pretrained`), reads every parameter once (so weights
   mapped from the file count as loaded), then runs the case once. Peak RSS is the process's VmHWM (imports and
