@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -38,9 +39,6 @@ _TASK_KEYS = ("problem_type", "classifier_dropout")
 
 
 # -- config.json <-> spec ---------------------------------------------------------------------------
-
-
-READ_CHUNK = 8 << 20  # bytes read from a checkpoint per copy into huge-page memory (a small transient)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -145,6 +143,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"'{folder}' has neither {SINGLE} nor {INDEX}{hint}")
 
 
+READ_CHUNK = 8 << 20  # bytes read from a checkpoint per copy into huge-page memory (a small transient)
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -201,6 +200,11 @@ class _Tensors:
             out.copy_(self.get(name))
             return out
         size = torch.empty((), dtype=stored).element_size()
+        if end - begin != out.numel() * size:  # safetensors checked the header; the file may have changed since
+            raise CheckpointError(
+                f"tensor '{name}' in '{path}' holds {end - begin} bytes; its shape {list(out.shape)} of "
+                f"{entry[name]['dtype']} needs {out.numel() * size}"
+            )
         flat = out.view(-1)
         try:
             with open(path, "rb") as f:
@@ -298,8 +302,16 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
         if stray and strict:
             raise CheckpointError(f"checkpoint '{folder}' has tensors the model does not: {', '.join(stray[:20])}")
         report["unused"] = unused
-        huge = torch.device(device).type == "cpu" and hugepages.available()
-        placement = hugepages.Placement(reason="" if huge else f"not used: transparent huge pages {hugepages.mode()}")
+        if torch.device(device).type != "cpu":
+            why_not = f"not used: the weights are on {device}"
+        elif not hugepages.available():
+            why_not = f"not used: transparent huge pages {hugepages.mode()}"
+        elif sys.byteorder != "little":  # the file's bytes are read as they lie (safetensors is little-endian)
+            why_not = "not used: a big-endian machine"
+        else:
+            why_not = ""
+        huge = not why_not
+        placement = hugepages.Placement(reason=why_not)
         element = torch.empty((), dtype=dtype).element_size()
         for key, name in plan.items():
             shape = tensors.shape(name)
