@@ -74,9 +74,9 @@ def ready() -> bool:
     return status().ready
 
 
-# (rows, out_features, in_features) of the check: one row; a transposed tile with an output tail; two row
-# chunks; k chunks of 256 with a remainder on the row-block path
-_CHECK_SHAPES = ((1, 48, 64), (19, 37, 96), (150, 64, 32), (70, 32, 544))
+# (rows, out_features, in_features) of the check: one row (dot products, an output tail); a transposed tile
+# with an output tail; two row chunks; k chunks of 256 with a remainder on the row-block path
+_CHECK_SHAPES = ((1, 53, 64), (19, 37, 96), (150, 64, 32), (70, 32, 544))
 
 
 def _self_check(library: ctypes.CDLL) -> str | None:

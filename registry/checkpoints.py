@@ -190,16 +190,19 @@ class _Tensors:
         every page read through it would stay mapped, and count, until loading ends (twice the weights
         at the peak)."""
         path = self.file_of[name]
-        if path not in self.headers:
-            self.headers[path] = _header(path)
-        entry, data_start = self.headers[path]
-        stored = _SAFETENSORS_DTYPES.get(entry[name]["dtype"])
-        begin, end = entry[name]["data_offsets"]
+        try:
+            if path not in self.headers:
+                self.headers[path] = _header(path)
+            entry, data_start = self.headers[path]
+            stored = _SAFETENSORS_DTYPES.get(entry[name]["dtype"])
+            begin, end = (int(offset) for offset in entry[name]["data_offsets"])
+        except (OSError, ValueError, KeyError, TypeError) as error:  # the file changed since it was opened
+            raise CheckpointError(f"cannot read the header of '{path}' for tensor '{name}': {error!r}") from error
         out = hugepages.empty(self.shape(name), dtype)
         if stored is None:  # a dtype this reader does not map: read through safetensors instead
             out.copy_(self.get(name))
             return out
-        size = torch.empty((), dtype=stored).element_size()
+        size = stored.itemsize
         if end - begin != out.numel() * size:  # safetensors checked the header; the file may have changed since
             raise CheckpointError(
                 f"tensor '{name}' in '{path}' holds {end - begin} bytes; its shape {list(out.shape)} of "
@@ -217,8 +220,8 @@ class _Tensors:
                     done, chunk = 0, bytearray(READ_CHUNK // size * size)
                     while done < end - begin:
                         got = f.readinto(memoryview(chunk)[: min(len(chunk), end - begin - done)])
-                        if not got:
-                            raise OSError(f"{end - begin} bytes expected, the file ends after {done}")
+                        if not got or got % size:
+                            raise OSError(f"{end - begin} bytes expected, the file ends after {done + got}")
                         values = torch.frombuffer(chunk, dtype=stored, count=got // size)
                         flat[done // size : (done + got) // size].copy_(values)
                         done += got
@@ -247,7 +250,7 @@ def _set_tensor(model: nn.Module, key: str, value: Tensor) -> None:
 
 def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) -> dict[str, Any]:
     """Fill a meta-device model from the checkpoint in ``folder``; return what was loaded, initialised
-    and left unused.
+    and left unused, and under ``memory`` where the large tensors went (:mod:`registry.hugepages`).
 
     Raises:
         CheckpointError: unreadable files, missing or mis-shaped backbone tensors, or (``strict``)
@@ -312,7 +315,7 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
             why_not = ""
         huge = not why_not
         placement = hugepages.Placement(reason=why_not)
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         for key, name in plan.items():
             shape = tensors.shape(name)
             if huge and shape and math.prod(shape) * element >= hugepages.MIN_BYTES:

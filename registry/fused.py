@@ -422,13 +422,20 @@ def _plain(
         y = F.linear(x, *_weights(group))
     else:  # without autograd, one GEMM per layer beats concatenating their weights on every call
         on_kernel = _few_rows_f32(x, [(layer.weight, layer.bias) for layer in group])
-        exact = on_kernel is None
         if on_kernel is not None:
-            y = on_kernel
-        elif len(group) == 1:
+            y, exact = on_kernel, False
+        elif len(group) == 1:  # refused as a group of one: refused alone too
             y = _few_rows_linear(x, group[0].weight, group[0].bias)
-        else:
-            y = torch.cat([_few_rows_linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
+        else:  # layer by layer: the few-row kernel may still take some of them (and then rounds its own way)
+            parts = [_few_rows_f32(x, ((layer.weight, layer.bias),)) for layer in group]
+            exact = all(part is None for part in parts)
+            y = torch.cat(
+                [
+                    part if part is not None else _few_rows_linear(x, layer.weight, layer.bias)
+                    for part, layer in zip(parts, group, strict=True)
+                ],
+                dim=-1,
+            )
     if activation is not None and exact and reference_activation is not None:
         y = reference_activation(y)
         return y if residual is None else y + residual

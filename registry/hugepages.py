@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,8 +43,19 @@ def mode() -> str:
         text = _SETTING.read_text()
     except OSError:
         return f"unknown ({_SETTING} is not readable)"
+    if _disabled_for_this_process():
+        return "disabled for this process (prctl PR_SET_THP_DISABLE)"
     chosen = [word.strip("[]") for word in text.split() if word.startswith("[")]
     return chosen[0] if chosen else f"unknown ({_SETTING} reads {text.strip()!r})"
+
+
+def _disabled_for_this_process() -> bool:
+    """Whether this process may not have huge pages (some containers and services set PR_SET_THP_DISABLE)."""
+    try:
+        with open("/proc/self/status") as f:
+            return any(line.split() == ["THP_enabled:", "0"] for line in f)
+    except OSError:
+        return False
 
 
 def available() -> bool:
@@ -56,19 +68,24 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
 
     Raises:
         RuntimeError: huge pages are not available here (:func:`mode` says why).
+        OSError: the memory could not be mapped or advised (out of memory, say).
     """
     if not available():
         raise RuntimeError(f"transparent huge pages are not available: {mode()}")
     numel = 1
     for size in shape:
         numel *= int(size)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    length = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to start on a 2 MiB boundary
+    nbytes = numel * dtype.itemsize
+    if nbytes == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to start on a 2 MiB boundary
     memory = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(memory, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    start = -whole.data_ptr() % HUGE_PAGE
+    start = -torch.frombuffer(memory, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
     memory.madvise(mmap.MADV_HUGEPAGE, start, length - start)
-    return whole[start : start + nbytes].view(dtype).view(tuple(shape))
+    # a storage of exactly these bytes (sizes and saved files count the tensor, not the mapping's slack),
+    # which keeps the mapping alive
+    data = torch.frombuffer(memory, dtype=torch.uint8, offset=start, count=nbytes)
+    return data.view(dtype).view(tuple(shape))
 
 
 @dataclass
@@ -78,42 +95,59 @@ class Placement:
     moved: int = 0
     bytes: int = 0
     reason: str = ""
-    names: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return {"huge_pages": self.reason or f"{self.moved} tensors, {self.bytes / 2**20:.0f} MiB"}
+        """The manifest's ``memory`` entry. Huge pages are advised, not promised: the kernel may still
+        give 4 KiB pages where it finds no free 2 MiB (see AnonHugePages in /proc/self/smaps)."""
+        if self.reason:
+            return {"huge_pages": self.reason}
+        tensors = "tensor" if self.moved == 1 else "tensors"
+        return {"huge_pages": f"{self.moved} {tensors}, {self.bytes / 2**20:.0f} MiB, advised"}
 
 
 def place(model: nn.Module, *, copy: bool = True) -> Placement:
     """Move every CPU parameter and buffer of at least MIN_BYTES onto huge-page memory, in place (the
-    same ``nn.Parameter`` objects; tied weights stay tied). ``copy=False`` leaves the new memory
-    uninitialised and untouched (for weights about to be initialised)."""
+    same ``nn.Parameter`` objects; tied weights stay tied).
+
+    Args:
+        model: any module; its tensors elsewhere than on the CPU, or smaller, are left where they are.
+        copy: False leaves the new memory uninitialised and untouched (weights about to be initialised).
+
+    Raises:
+        OSError: the memory could not be mapped or advised.
+
+    Example:
+        >>> hugepages.place(model).as_dict()
+        {'huge_pages': '9 tensors, 1076 MiB, advised'}
+    """
     setting = mode()
     if setting not in ("always", "madvise"):
         return Placement(reason=f"not used: transparent huge pages {setting}")
     report = Placement()
-    replaced: dict[int, Tensor] = {}  # a buffer held by several modules is moved once, for all of them
+    # a buffer held by several modules is moved once, for all of them (the originals are held, so that
+    # their ids stay theirs while this runs)
+    replaced: dict[int, tuple[Tensor, Tensor]] = {}
     with torch.no_grad():
-        for name, module in model.named_modules():
-            for table in (module._parameters, module._buffers):
+        for module in model.modules():
+            tables: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+            for table in tables:
                 for attr, tensor in table.items():
                     if tensor is None or not worth_moving(tensor):
                         continue
                     if id(tensor) in replaced:
                         if not isinstance(tensor, nn.Parameter):
-                            table[attr] = replaced[id(tensor)]
+                            table[attr] = replaced[id(tensor)][1]
                         continue
                     moved = empty(tensor.shape, tensor.dtype)
                     if copy:
                         moved.copy_(tensor)
-                    replaced[id(tensor)] = moved
+                    replaced[id(tensor)] = (tensor, moved)
                     if isinstance(tensor, nn.Parameter):
                         tensor.data = moved  # every module holding this Parameter sees the new memory
                     else:
                         table[attr] = moved
                     report.moved += 1
                     report.bytes += moved.numel() * moved.element_size()
-                    report.names.append(f"{name}.{attr}" if name else attr)
     return report
 
 

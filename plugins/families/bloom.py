@@ -164,10 +164,12 @@ class BloomMLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        # BLOOM's own arithmetic where the product is the reference's to the bit (so float32 logits stay
-        # the reference's); where a kernel already rounds differently, the tanh-GELU in one pass
-        # (the GEMM's epilogue for bfloat16, one in-place operation for a few float32 rows)
-        h = linear(x, self.dense_h_to_4h, activation="gelu_tanh", reference_activation=bloom_gelu)
+        # bfloat16: the tanh-GELU in one pass (the GEMM's epilogue on the CPU): same function, bf16 rounding.
+        # Other dtypes: BLOOM's own arithmetic wherever the product is the reference's to the bit (so
+        # float32 logits stay the reference's), one in-place pass where a kernel rounds anyway (a few
+        # float32 rows)
+        exact = None if x.dtype == torch.bfloat16 else bloom_gelu
+        h = linear(x, self.dense_h_to_4h, activation="gelu_tanh", reference_activation=exact)
         if self.tp_slices:
             out = tp_linear(h, self.dense_4h_to_h, self.tp_slices)
         elif not (self.training and self.hidden_dropout):

@@ -129,16 +129,17 @@ def test_matches_a_float64_truth_to_bfloat16_rounding(shape, activation):
 
 
 @needs_kernel
-def test_writes_a_column_slice_and_reads_strided_rows_without_touching_the_rest():
+@pytest.mark.parametrize("rows", [5, 1])  # tiles; one row's dot products
+def test_writes_a_column_slice_and_reads_strided_rows_without_touching_the_rest(rows):
     g = torch.Generator().manual_seed(1)
-    wide = torch.randn(5, 96, generator=g).bfloat16()
+    wide = torch.randn(rows, 96, generator=g).bfloat16()
     x = wide[:, 16:80]  # rows 96 apart, 64 contiguous values each
-    w = torch.randn(40, 64, generator=g).bfloat16()
-    out = torch.full((5, 100), 7.0, dtype=torch.bfloat16)
-    residual_rows = torch.zeros(5, 50, dtype=torch.bfloat16)
+    w = torch.randn(40, 128, generator=g).bfloat16()[:, 32:96]  # weight rows 128 apart
+    out = torch.full((rows, 100), 7.0, dtype=torch.bfloat16)
+    residual_rows = torch.zeros(rows, 50, dtype=torch.bfloat16)
     amx.linear(x, w, out=out[:, 30:70], residual=residual_rows[:, 5:45])  # residual rows 50 apart
-    assert torch.equal(out[:, :30], torch.full((5, 30), 7.0, dtype=torch.bfloat16))
-    assert torch.equal(out[:, 70:], torch.full((5, 30), 7.0, dtype=torch.bfloat16))
+    assert torch.equal(out[:, :30], torch.full((rows, 30), 7.0, dtype=torch.bfloat16))
+    assert torch.equal(out[:, 70:], torch.full((rows, 30), 7.0, dtype=torch.bfloat16))
     truth = F.linear(x.double(), w.double())
     assert float((out[:, 30:70].double() - truth).abs().max()) <= 2**-7 * float(truth.abs().max())
 

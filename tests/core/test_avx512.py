@@ -225,3 +225,23 @@ def test_the_reference_activation_runs_wherever_the_product_is_the_reference_s(m
     assert torch.equal(got, _bloom_gelu(F.linear(x, layer.weight, layer.bias)))
     got.sum().backward()
     assert reference_rows == [1, 17, 300, 8] and layer.weight.grad is not None
+
+
+@needs_kernel
+def test_a_group_partly_on_the_kernel_takes_the_named_activation(monkeypatch):
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    group = [nn.Linear(64, 32), nn.Linear(64, 16)]
+    group[1].weight = nn.Parameter(torch.randn(64, 16).t())  # rows not contiguous: the kernel refuses it
+    reference_rows: list[int] = []
+
+    def reference(y: torch.Tensor) -> torch.Tensor:
+        reference_rows.append(y.shape[0])
+        return _bloom_gelu(y)
+
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        got = fused.linear(x, group, activation="gelu_tanh", reference_activation=reference)
+    product = torch.cat([F.linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
+    torch.testing.assert_close(got, _bloom_gelu(product), atol=1e-5, rtol=1e-5)
+    assert calls == [4] and reference_rows == []  # the first layer ran on the kernel: not the reference's bits
