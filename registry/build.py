@@ -139,7 +139,7 @@ def assemble(spec: ModelSpec, *, device: str, init: bool = True) -> AssembledMod
         manifest=manifest,
     )
     model.to(getattr(torch, spec.dtype))
-    model.manifest["memory"] = {"huge_pages": f"not used: the weights are on {device_type}"}
+    model.manifest["memory"] = {"huge_pages": hugepages.why_not(device_type)}  # replaced by place() on the CPU
     if device_type != "meta" and init:
         model.to_empty(device=device)
         if device_type == "cpu":  # before the first write: the weights' pages are allocated as huge pages

@@ -305,14 +305,9 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
         if stray and strict:
             raise CheckpointError(f"checkpoint '{folder}' has tensors the model does not: {', '.join(stray[:20])}")
         report["unused"] = unused
-        if torch.device(device).type != "cpu":
-            why_not = f"not used: the weights are on {device}"
-        elif not hugepages.available():
-            why_not = f"not used: transparent huge pages {hugepages.mode()}"
-        elif sys.byteorder != "little":  # the file's bytes are read as they lie (safetensors is little-endian)
+        why_not = hugepages.why_not(device)
+        if not why_not and sys.byteorder != "little":  # the file's bytes are read as they lie (little-endian)
             why_not = "not used: a big-endian machine"
-        else:
-            why_not = ""
         huge = not why_not
         placement = hugepages.Placement(reason=why_not)
         element = dtype.itemsize

@@ -261,12 +261,15 @@ def _few_rows_f32(x: Tensor, group: Sequence[tuple[Tensor, Tensor | None]]) -> T
 
 
 def _few_rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear``, computed as ``(W @ x^T)^T`` for 2 to WEIGHT_LEFT_MAX_ROWS bfloat16 rows on the CPU
-    (the same numbers: bfloat16 products accumulate in float32 either way), and on the AVX-512 kernel for
-    a few float32 rows (:func:`_few_rows_f32`)."""
+    """``F.linear``: on the AVX-512 kernel for a few float32 rows (:func:`_few_rows_f32`), otherwise as
+    :func:`_exact_linear` computes it."""
     y = _few_rows_f32(x, ((weight, bias),))
-    if y is not None:
-        return y
+    return y if y is not None else _exact_linear(x, weight, bias)
+
+
+def _exact_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``'s numbers, bit for bit: computed as ``(W @ x^T)^T`` for 2 to WEIGHT_LEFT_MAX_ROWS
+    bfloat16 rows on the CPU (bfloat16 products accumulate in float32 either way), else ``F.linear``."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not 1 < rows <= WEIGHT_LEFT_MAX_ROWS:
         return F.linear(x, weight, bias)
@@ -425,13 +428,13 @@ def _plain(
         if on_kernel is not None:
             y, exact = on_kernel, False
         elif len(group) == 1:  # refused as a group of one: refused alone too
-            y = _few_rows_linear(x, group[0].weight, group[0].bias)
+            y = _exact_linear(x, group[0].weight, group[0].bias)
         else:  # layer by layer: the few-row kernel may still take some of them (and then rounds its own way)
             parts = [_few_rows_f32(x, ((layer.weight, layer.bias),)) for layer in group]
             exact = all(part is None for part in parts)
             y = torch.cat(
                 [
-                    part if part is not None else _few_rows_linear(x, layer.weight, layer.bias)
+                    part if part is not None else _exact_linear(x, layer.weight, layer.bias)
                     for part, layer in zip(parts, group, strict=True)
                 ],
                 dim=-1,

@@ -63,6 +63,14 @@ def available() -> bool:
     return mode() in ("always", "madvise")
 
 
+def why_not(device: str | torch.device) -> str:
+    """Why weights on ``device`` are not placed on huge pages ("" where they are), as the manifest says it."""
+    kind = torch.device(device).type
+    if kind != "cpu":
+        return f"not used: the weights are on {kind}"
+    return "" if available() else f"not used: transparent huge pages {mode()}"
+
+
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
     """An uninitialised contiguous CPU tensor on memory advised for huge pages (see the module's docstring).
 
@@ -120,9 +128,9 @@ def place(model: nn.Module, *, copy: bool = True) -> Placement:
         >>> hugepages.place(model).as_dict()
         {'huge_pages': '9 tensors, 1076 MiB, advised'}
     """
-    setting = mode()
-    if setting not in ("always", "madvise"):
-        return Placement(reason=f"not used: transparent huge pages {setting}")
+    reason = why_not("cpu")
+    if reason:
+        return Placement(reason=reason)
     report = Placement()
     # a buffer held by several modules is moved once, for all of them (the originals are held, so that
     # their ids stay theirs while this runs)
