@@ -48,6 +48,15 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
         pointer, pointer, integer,  # bias, R, ldr
         pointer, integer, ctypes.c_int, ctypes.c_int,  # Y, ldy, activation, threads
     ]  # fmt: skip
+    library.registry_chain_bf16.restype = ctypes.c_int
+    library.registry_chain_bf16.argtypes = [
+        pointer, integer, integer,  # X, M, ldx
+        pointer, integer, integer, integer, pointer, pointer,  # W0, N0, K0, ldw0, b0, R0
+        pointer, pointer, ctypes.c_float,  # gamma, beta, eps
+        pointer, integer, integer, integer, pointer, ctypes.c_int, pointer,  # W1, N1, K1, ldw1, b1, act1, R1
+        pointer, integer, integer, pointer, pointer,  # W2, N2, ldw2, b2, R2
+        pointer, ctypes.c_int,  # Y, threads
+    ]  # fmt: skip
     return library
 
 
@@ -94,6 +103,27 @@ def _self_check(library: ctypes.CDLL) -> str | None:
             error = ((got.double() - expected).abs() / (expected.abs() + 1e-2)).max().item()
             if not error < 2**-6:
                 return f"{rows}x{in_features} @ {out_features}, activation {activation}: relative error {error:.3g}"
+    return _check_chain(library, generator)
+
+
+def _check_chain(library: ctypes.CDLL, generator: torch.Generator) -> str | None:
+    """A whole chain (projection and residual, LayerNorm, two layers, the second residual) against the
+    same steps in float64, for one row and for tiles."""
+    for rows in (1, 19):
+        x, r0 = (torch.randn(rows, 64, generator=generator).bfloat16() for _ in range(2))
+        w0, w1, w2 = (
+            torch.randn(n, k, generator=generator).div(k**0.5).bfloat16() for n, k in ((64, 64), (96, 64), (64, 96))
+        )
+        b0, gamma, beta, b2 = (torch.randn(64, generator=generator).bfloat16() for _ in range(4))
+        b1 = torch.randn(96, generator=generator).bfloat16()
+        s = F.linear(x.double(), w0.double(), b0.double()) + r0.double()
+        h = F.layer_norm(s, (64,), gamma.double(), beta.double(), 1e-5)
+        expected = F.linear(F.gelu(F.linear(h, w1.double(), b1.double())), w2.double(), b2.double()) + s
+        got = torch.empty(rows, 64, dtype=torch.bfloat16)
+        _call_chain(library, x, (w0, b0, r0), (gamma, beta, 1e-5), (w1, b1), "gelu", (w2, b2), None, got)
+        error = ((got.double() - expected).abs() / (expected.abs() + 1e-1)).max().item()
+        if not error < 2**-4:  # five roundings to bfloat16 on the way
+            return f"a chain of {rows} rows: relative error {error:.3g}"
     return None
 
 
@@ -210,3 +240,76 @@ def _call(
     )  # fmt: skip
     if failed:
         raise MemoryError(f"the AMX kernel could not allocate {in_features * 256} bytes of scratch memory")
+
+
+Layer = tuple[Tensor, "Tensor | None"]  # (weight, bias)
+Norm = tuple[Tensor, Tensor, float]  # a LayerNorm's (weight, bias, eps)
+
+
+def run_chain(
+    x: Tensor,
+    *,
+    project: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+    norm: Norm | None = None,
+    first: Layer,
+    activation: str | None = None,
+    second: Layer | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """The steps of a transformer block between two attentions' cores, in one kernel call: nothing runs
+    between them, so the interpreter is not returned to (a weight stream evicts its code and data, and
+    each return costs tens of microseconds on the operations that follow).
+
+    With ``s = project[0] x + project[1] + project[2]`` (the attention's output projection, its bias and
+    the block's residual; without ``project``, ``s = x``) it computes
+    ``second(activation(first(LayerNorm(s))))`` plus a residual: ``residual``, or ``s`` when ``project``
+    is given (a pre-LayerNorm block's second residual; ``residual`` is ignored then). ``norm`` and
+    ``second`` are optional; without ``second`` the residual is added to ``first``'s output. Only the
+    result is a new tensor: the steps before it write the calling thread's scratch memory in the kernel.
+
+    Like :func:`run`, without checks: x is (rows, in_features) with contiguous rows; every weight has
+    contiguous rows and in_features a multiple of K_MULTIPLE; biases, residuals and the LayerNorm's
+    parameters are contiguous and of the right length; all bfloat16 on the CPU. The kernel must be ready."""
+    out_features = (first if second is None else second)[0].shape[0]
+    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    args = (_library, x, project, norm, first, activation, second, residual, y)
+    if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
+        steps = [w.shape for w, *_ in (project, first, second) if w is not None]  # type: ignore[misc]
+        name = f"registry.amx.chain {x.shape[0]} rows {' '.join(f'{k}->{n}' for n, k in steps)}"
+        with torch.profiler.record_function(name + (" layernorm" if norm is not None else "")):
+            _call_chain(*args)  # type: ignore[arg-type]
+    else:
+        _call_chain(*args)  # type: ignore[arg-type]
+    return y
+
+
+def _call_chain(
+    library: ctypes.CDLL,
+    x: Tensor,
+    project: tuple[Tensor, Tensor | None, Tensor | None] | None,
+    norm: Norm | None,
+    first: Layer,
+    activation: str | None,
+    second: Layer | None,
+    residual: Tensor | None,
+    y: Tensor,
+) -> None:
+    w0, b0, r0 = project if project is not None else (None, None, None)
+    w1, b1 = first
+    w2, b2 = second if second is not None else (None, None)
+    r1, r2 = (residual, None) if second is None else (None, residual)
+    failed = library.registry_chain_bf16(
+        x.data_ptr(), x.shape[0], x.stride(0),
+        None if w0 is None else w0.data_ptr(), 0 if w0 is None else w0.shape[0], 0 if w0 is None else w0.shape[1],
+        0 if w0 is None else w0.stride(0), None if b0 is None else b0.data_ptr(),
+        None if r0 is None else r0.data_ptr(),
+        None if norm is None else norm[0].data_ptr(), None if norm is None else norm[1].data_ptr(),
+        0.0 if norm is None else norm[2],
+        w1.data_ptr(), w1.shape[0], w1.shape[1], w1.stride(0),
+        None if b1 is None else b1.data_ptr(), ACTIVATIONS[activation], None if r1 is None else r1.data_ptr(),
+        None if w2 is None else w2.data_ptr(), 0 if w2 is None else w2.shape[0], 0 if w2 is None else w2.stride(0),
+        None if b2 is None else b2.data_ptr(), None if r2 is None else r2.data_ptr(),
+        y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("the AMX kernel could not allocate its scratch memory")

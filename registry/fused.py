@@ -200,16 +200,10 @@ def _amx_linear(
     operands = []
     leading = x.shape[:-1]
     for layer in group:
-        weight, bias = layer.weight, layer.bias
-        if (
-            weight.dtype is not torch.bfloat16
-            or not weight.is_cpu
-            or weight.shape[1] != in_features
-            or weight.stride(1) != 1
-            or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.stride(0) != 1 or not bias.is_cpu))
-        ):
+        operand = _amx_operand(layer, in_features)
+        if operand is None:
             return None
-        operands.append((weight, bias))
+        operands.append(operand)
     out_features = sum(weight.shape[0] for weight, _ in operands)
     if residual is not None and residual.shape != (*leading, out_features):
         return None  # a broadcast residual: the kernel reads one residual row per output row
@@ -230,6 +224,107 @@ def _amx_linear(
         amx.run(x2, weight, bias, part, out, code)
         start = end
     return y.view(*leading, out_features)
+
+
+def _amx_operand(layer: nn.Linear, in_features: int) -> tuple[Tensor, Tensor | None] | None:
+    """The layer's (weight, bias) if the AMX kernel reads them as they lie, for inputs of ``in_features``."""
+    weight, bias = layer.weight, layer.bias
+    if (
+        weight.dtype is not torch.bfloat16
+        or not weight.is_cpu
+        or weight.shape[1] != in_features
+        or weight.stride(1) != 1
+        or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.stride(0) != 1 or not bias.is_cpu))
+    ):
+        return None
+    return weight, bias
+
+
+def _amx_chain(
+    x: Tensor,
+    *,
+    project: tuple[nn.Linear, Tensor] | None = None,
+    norm: nn.LayerNorm | None = None,
+    first: nn.Linear,
+    activation: str | None = None,
+    second: nn.Linear | None = None,
+    residual: Tensor | None = None,
+) -> Tensor | None:
+    """:func:`registry.amx.run_chain` on modules (``project``: the attention's output projection and the
+    block's residual); None where it does not apply: where :func:`_amx_linear` would refuse a layer alone,
+    or the LayerNorm is not one the kernel computes (an affine bfloat16 LayerNorm over its input's last
+    dimension) or has forward hooks (it runs as a module then, and they run)."""
+    in_features = x.shape[-1]
+    if (
+        x.dtype is not torch.bfloat16
+        or not _enabled
+        or not x.is_cpu
+        or x.numel() >= AMX_MAX_ROWS * in_features
+        or torch.is_grad_enabled()
+        or "amx-bf16" not in _kernels()
+    ):
+        return None
+    leading = x.shape[:-1]
+    layers: list[tuple[Tensor, Tensor | None]] = []
+    width = in_features
+    for layer in (project[0] if project is not None else None, first, second):
+        if layer is None:
+            continue
+        operand = None if width % amx.K_MULTIPLE else _amx_operand(layer, width)
+        if operand is None:
+            return None
+        layers.append(operand)
+        width = operand[0].shape[0]
+    extra, size = (residual, width) if project is None else (project[1], layers[0][0].shape[0])
+    if extra is not None and (extra.shape != (*leading, size) or extra.dtype is not torch.bfloat16 or not extra.is_cpu):
+        return None
+    norm_args = None
+    if norm is not None:
+        gamma, beta = norm.weight, norm.bias
+        normalized = layers[0][0].shape[0] if project is not None else in_features
+        if (
+            tuple(norm.normalized_shape) != (normalized,)
+            or gamma is None
+            or beta is None
+            or gamma.dtype is not torch.bfloat16
+            or beta.dtype is not torch.bfloat16
+            or not gamma.is_cpu
+            or not beta.is_cpu
+            or not gamma.is_contiguous()
+            or not beta.is_contiguous()
+            or has_forward_hooks(norm)
+        ):
+            return None
+        norm_args = (gamma, beta, float(norm.eps))
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if project is not None:
+        r0 = project[1].reshape(-1, layers[0][0].shape[0]).contiguous()
+        y = amx.run_chain(
+            x2,
+            project=(*layers[0], r0),
+            norm=norm_args,
+            first=layers[1],
+            activation=activation,
+            second=layers[2] if second is not None else None,
+        )
+    else:
+        y = amx.run_chain(
+            x2,
+            norm=norm_args,
+            first=layers[0],
+            activation=activation,
+            second=layers[1] if second is not None else None,
+            residual=None if residual is None else residual.reshape(-1, width).contiguous(),
+        )
+    return y.view(*leading, width)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks of its own: a family calls such a module as a module (so that
+    they run) instead of folding its work into a fused kernel call."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _few_rows_f32(x: Tensor, group: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor | None:
@@ -458,8 +553,9 @@ def linear(
     activation: str | None = None,
     residual: Tensor | None = None,
     reference_activation: Callable[[Tensor], Tensor] | None = None,
+    norm: nn.LayerNorm | None = None,
 ) -> Tensor:
-    """``activation(x @ W^T + b) + residual`` with W, b the layers' weights and biases concatenated
+    """``activation(norm(x) @ W^T + b) + residual`` with W, b the layers' weights and biases concatenated
     along the output dimension.
 
     Args:
@@ -472,6 +568,8 @@ def linear(
             runs wherever the product is the reference's to the bit (``F.linear``, MKL), so that those
             results stay the reference's; the named activation runs where the product already differs by
             rounding (the AMX, oneDNN and few-row float32 kernels), fused or in place.
+        norm: a LayerNorm applied to x first, or None. Where the AMX kernel takes the layer (one layer),
+            it normalizes in the same call (see :func:`mlp`); elsewhere ``norm(x)`` runs first, as a module.
 
     Raises:
         ValueError: an unknown activation.
@@ -483,6 +581,12 @@ def linear(
     group: Sequence[nn.Linear] = (layers,) if isinstance(layers, nn.Linear) else tuple(layers)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
+    if norm is not None:
+        if len(group) == 1:
+            y = _amx_chain(x, norm=norm, first=group[0], activation=activation, residual=residual)
+            if y is not None:
+                return y
+        x = norm(x)
     y = _amx_linear(x, group, activation, residual)
     if y is not None:
         return y
@@ -517,3 +621,81 @@ def linear(
             y = _IN_PLACE[activation](y) if reference_activation is None else reference_activation(y)
     y = y.view(*leading, out_features)
     return y if residual is None else y.add_(residual)
+
+
+def mlp(
+    x: Tensor,
+    up: nn.Linear,
+    down: nn.Linear,
+    *,
+    activation: str,
+    residual: Tensor | None = None,
+    norm: nn.LayerNorm | None = None,
+    reference_activation: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """A transformer's feed-forward block, ``down(activation(up(norm(x)))) + residual``.
+
+    On the AMX kernel (bfloat16 on the CPU, fewer than AMX_MAX_ROWS rows: a decode step or a short
+    prompt) the LayerNorm, both layers and their epilogues run in one kernel call: the weights stream
+    one after the other with nothing between them but a barrier. Returning to the interpreter between
+    them costs more than the work there: each weight stream evicts the code and data the next
+    operations need (tens of microseconds for a LayerNorm that takes 7 warm). The numbers are those of
+    ``linear(linear(norm(x), up, activation=...), down, residual=...)`` on that kernel, but for the
+    LayerNorm: computed as PyTorch does, in float32 per row and rounded once, it may round a value the
+    other way where the two sum in another order (a few values in 10^4).
+
+    Elsewhere it is that composition: ``norm`` as a module, then :func:`linear` twice (so
+    ``reference_activation`` applies as there).
+
+    Args:
+        x: (..., in_features).
+        up, down: the block's two linear layers (``down.in_features == up.out_features``).
+        activation: one of :data:`ACTIVATIONS`, applied to ``up``'s output.
+        residual: (..., down.out_features) added last, or None.
+        norm: a LayerNorm over ``in_features`` applied to x first, or None.
+        reference_activation: see :func:`linear`.
+
+    Raises:
+        ValueError: an unknown activation.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)}")
+    y = _amx_chain(x, norm=norm, first=up, activation=activation, second=down, residual=residual)
+    if y is not None:
+        return y
+    h = linear(x, up, activation=activation, reference_activation=reference_activation, norm=norm)
+    return linear(h, down, residual=residual)
+
+
+def attention_output_and_mlp(
+    attention: Tensor,
+    residual: Tensor,
+    *,
+    dense: nn.Linear,
+    norm: nn.LayerNorm,
+    up: nn.Linear,
+    down: nn.Linear,
+    activation: str,
+    reference_activation: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The rest of a pre-LayerNorm transformer block after its attention's core: with
+    ``s = dense(attention) + residual``, returns ``down(activation(up(norm(s)))) + s``.
+
+    On the AMX kernel, one kernel call for all of it (see :func:`mlp`): the four weight streams of a
+    block's decode step but the query-key-value projection follow each other with nothing between them.
+    Elsewhere, :func:`linear` and :func:`mlp`, with the same numbers as there.
+
+    Args:
+        attention: (..., dense.in_features), the attention's output with its heads merged.
+        residual: (..., dense.out_features), the block's input.
+        dense: the attention's output projection.
+        norm: the block's second LayerNorm, over ``dense.out_features``.
+        up, down, activation, reference_activation: as in :func:`mlp`.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)}")
+    y = _amx_chain(attention, project=(dense, residual), norm=norm, first=up, activation=activation, second=down)
+    if y is not None:
+        return y
+    s = linear(attention, dense, residual=residual)
+    return mlp(s, up, down, activation=activation, residual=s, norm=norm, reference_activation=reference_activation)

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.errors import InputError
-from registry.fused import linear, project
+from registry.fused import attention_output_and_mlp, has_forward_hooks, linear, mlp, project
 from registry.interfaces import (
     AttentionBackend,
     BackboneOutput,
@@ -126,16 +126,41 @@ class BloomAttention(nn.Module):
         x: Tensor,
         residual: Tensor,
         *,
+        norm: nn.LayerNorm | None = None,
+        **attention: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Self-attention of ``norm(x)`` (see :meth:`core`), projected, plus ``residual``."""
+        out, weights = self.core(x, norm=norm, **attention)
+        if self.tp_slices:
+            out = tp_linear(out, self.dense, self.tp_slices)
+        elif not self.dropping:
+            return linear(out, self.dense, residual=residual), weights  # the residual add fused
+        else:
+            out = self.dense(out)
+        return residual + F.dropout(out, self.hidden_dropout, self.training), weights
+
+    @property
+    def dropping(self) -> bool:
+        """Whether the output dropout is active (training with a rate above 0)."""
+        return self.training and self.hidden_dropout > 0
+
+    def core(
+        self,
+        x: Tensor,
+        *,
         mask: Mask,
         bias: ScoreBias | None,
         positions: Positions,
         rotate: Callable[[Tensor, Tensor, Positions], tuple[Tensor, Tensor]] | None,
         cache: KVCache | None,
         need_weights: bool,
+        norm: nn.LayerNorm | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """The attention of ``norm(x)`` with its heads merged, before the output projection (``norm``, the
+        block's input LayerNorm, runs with the query-key-value projection where a kernel takes both)."""
         B, T, C = x.shape
         # the fused projection interleaves q, k, v per head: (B, T, H, 3, D)
-        qkv = linear(x, self.query_key_value).view(B, T, self.num_heads, 3, self.head_dim)
+        qkv = linear(x, self.query_key_value, norm=norm).view(B, T, self.num_heads, 3, self.head_dim)
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         if rotate is not None:
             q, k = rotate(q, k, positions)
@@ -145,14 +170,7 @@ class BloomAttention(nn.Module):
         out, weights = self.backend(
             q, k, v, mask=mask, bias=bias, scale=self.scale, dropout=dropout, need_weights=need_weights
         )
-        out = out.transpose(1, 2).reshape(B, T, C)
-        if self.tp_slices:
-            out = tp_linear(out, self.dense, self.tp_slices)
-        elif not (self.training and self.hidden_dropout):
-            return linear(out, self.dense, residual=residual), weights  # the residual add fused
-        else:
-            out = self.dense(out)
-        return residual + F.dropout(out, self.hidden_dropout, self.training), weights
+        return out.transpose(1, 2).reshape(B, T, C), weights
 
 
 class BloomMLP(nn.Module):
@@ -163,19 +181,31 @@ class BloomMLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
         self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
 
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        # bfloat16: the tanh-GELU in one pass (the GEMM's epilogue on the CPU): same function, bf16 rounding.
-        # Other dtypes: BLOOM's own arithmetic wherever the product is the reference's to the bit (so
-        # float32 logits stay the reference's), one in-place pass where a kernel rounds anyway (a few
-        # float32 rows)
-        exact = None if x.dtype == torch.bfloat16 else bloom_gelu
+    @property
+    def dropping(self) -> bool:
+        """Whether the output dropout is active (training with a rate above 0)."""
+        return self.training and self.hidden_dropout > 0
+
+    @staticmethod
+    def reference_activation(dtype: torch.dtype) -> Callable[[Tensor], Tensor] | None:
+        """BLOOM's own GELU arithmetic, where it is to run (see :func:`registry.fused.linear`).
+
+        bfloat16: None, the tanh-GELU in one pass (the GEMM's epilogue on the CPU): same function,
+        bfloat16 rounding. Other dtypes: BLOOM's arithmetic wherever the product is the reference's to the
+        bit (so float32 logits stay the reference's), one in-place pass where a kernel rounds anyway (a
+        few float32 rows)."""
+        return None if dtype == torch.bfloat16 else bloom_gelu
+
+    def forward(self, x: Tensor, residual: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+        """The MLP of ``norm(x)`` (the block's post-attention LayerNorm), plus ``residual``."""
+        exact = self.reference_activation(x.dtype)
+        if not self.tp_slices and not self.dropping:  # the whole feed-forward block, fused
+            up, down = self.dense_h_to_4h, self.dense_4h_to_h
+            return mlp(x, up, down, activation="gelu_tanh", residual=residual, norm=norm, reference_activation=exact)
+        if norm is not None:
+            x = norm(x)
         h = linear(x, self.dense_h_to_4h, activation="gelu_tanh", reference_activation=exact)
-        if self.tp_slices:
-            out = tp_linear(h, self.dense_4h_to_h, self.tp_slices)
-        elif not (self.training and self.hidden_dropout):
-            return linear(h, self.dense_4h_to_h, residual=residual)  # the residual add fused
-        else:
-            out = self.dense_4h_to_h(h)
+        out = tp_linear(h, self.dense_4h_to_h, self.tp_slices) if self.tp_slices else self.dense_4h_to_h(h)
         return residual + F.dropout(out, self.hidden_dropout, self.training)
 
 
@@ -189,10 +219,31 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
 
     def forward(self, x: Tensor, **attention: Any) -> tuple[Tensor, Tensor | None]:
-        h = self.input_layernorm(x)
-        x, weights = self.self_attention(h, h if self.post_ln_residual else x, **attention)
-        h = self.post_attention_layernorm(x)
-        return self.mlp(h, h if self.post_ln_residual else x), weights
+        if self.post_ln_residual:  # the LayerNorms' outputs are the residuals: they run on their own
+            h = self.input_layernorm(x)
+            x, weights = self.self_attention(h, h, **attention)
+            h = self.post_attention_layernorm(x)
+            return self.mlp(h, h), weights
+        attn, mlp_ = self.self_attention, self.mlp
+        split = attn.tp_slices or mlp_.tp_slices or attn.dropping or mlp_.dropping
+        if split or has_forward_hooks(attn) or has_forward_hooks(mlp_):
+            # module by module; each LayerNorm still goes with the projection after it
+            x, weights = attn(x, x, norm=self.input_layernorm, **attention)
+            return mlp_(x, x, norm=self.post_attention_layernorm), weights
+        # the attention's core, then everything up to the next block's attention in one step (one kernel
+        # call where the kernel takes it: the output projection, both residuals, the LayerNorm, the MLP)
+        out, weights = attn.core(x, norm=self.input_layernorm, **attention)
+        y = attention_output_and_mlp(
+            out,
+            x,
+            dense=attn.dense,
+            norm=self.post_attention_layernorm,
+            up=mlp_.dense_h_to_4h,
+            down=mlp_.dense_4h_to_h,
+            activation="gelu_tanh",
+            reference_activation=mlp_.reference_activation(x.dtype),
+        )
+        return y, weights
 
 
 # -- backbone -------------------------------------------------------------------------------------

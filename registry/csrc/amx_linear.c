@@ -254,23 +254,17 @@ static inline void four_dots(const uint16_t* x, const uint16_t* W, int64_t ldw, 
 /* M = 1 (a decode step of one sequence): a tile multiply would use one of its 16 rows, and the weight's
    16-row tile loads stream slower than plain loads (bloom-560m's layers and head in sequence: 43.7 against
    47.6 ms, AMX tiles against this). Each thread takes a contiguous range of 16-output groups; the sums
-   are AVX512-BF16 dot products (float32, as the tiles'), finished by the same epilogue. */
-static void one_row(const uint16_t* x, const uint16_t* W, int64_t N, int64_t K, int64_t ldw, const epilogue_args* e,
-                    int threads) {
+   are AVX512-BF16 dot products (float32, as the tiles'), finished by the same epilogue. Called by every
+   thread of a parallel region. */
+static void one_row(const uint16_t* x, const uint16_t* W, int64_t N, int64_t K, int64_t ldw, const epilogue_args* e) {
     const int64_t groups = N / 16;
-    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
-    {
-        const unsigned int caller_csr = _mm_getcsr(); /* as in registry_linear_bf16: FTZ/DAZ for the epilogue */
-        _mm_setcsr(caller_csr | 0x8040);
-        #pragma omp for schedule(static)
-        for (int64_t g = 0; g < groups; g++) {
-            float sums[16] __attribute__((aligned(64)));
-            for (int b = 0; b < 4; b++) four_dots(x, W, ldw, K, 16 * g + 4 * b, sums + 4 * b);
-            finish(_mm512_load_ps(sums), 0, 16 * g, (__mmask16)0xffff, e);
-        }
-        if (16 * groups < N) tail_outputs(x, 1, K, W, 16 * groups, N, K, ldw, e);
-        _mm_setcsr(caller_csr);
+    #pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        float sums[16] __attribute__((aligned(64)));
+        for (int b = 0; b < 4; b++) four_dots(x, W, ldw, K, 16 * g + 4 * b, sums + 4 * b);
+        finish(_mm512_load_ps(sums), 0, 16 * g, (__mmask16)0xffff, e);
     }
+    if (16 * groups < N) tail_outputs(x, 1, K, W, 16 * groups, N, K, ldw, e);
 }
 
 /* tiles 0-3 += (weight rows w0, w1: 16 each) x (packed rows x, x + 16: 16 each) over k in [k0, k1) */
@@ -323,6 +317,8 @@ static void rows_by_blocks(const uint16_t* w0, const uint16_t* w1, int64_t sw, c
 typedef struct {
     uint32_t* data;
     int64_t capacity;
+    uint16_t* between; /* a chain's intermediate results (registry_chain_bf16) */
+    int64_t between_capacity;
 } scratch_buffer;
 
 static pthread_key_t scratch_key;
@@ -332,12 +328,13 @@ static int scratch_key_ok = 0;
 static void free_scratch(void* p) {
     scratch_buffer* s = p;
     free(s->data);
+    free(s->between);
     free(s);
 }
 
 static void make_scratch_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, free_scratch) == 0; }
 
-static uint32_t* packed_rows(int64_t K) {
+static scratch_buffer* scratch(void) {
     pthread_once(&scratch_once, make_scratch_key);
     if (!scratch_key_ok) return NULL;
     scratch_buffer* s = pthread_getspecific(scratch_key);
@@ -348,6 +345,12 @@ static uint32_t* packed_rows(int64_t K) {
             return NULL;
         }
     }
+    return s;
+}
+
+static uint32_t* packed_rows(int64_t K) {
+    scratch_buffer* s = scratch();
+    if (s == NULL) return NULL;
     const int64_t needed = (K > 0 ? K : 2) / 2 * ROW_CHUNK;
     if (needed > s->capacity) {
         free(s->data);
@@ -355,6 +358,136 @@ static uint32_t* packed_rows(int64_t K) {
         s->capacity = s->data ? needed : 0;
     }
     return s->data;
+}
+
+/* `count` bfloat16 values for a chain's intermediate results, in the calling thread's scratch */
+static uint16_t* between_buffer(int64_t count) {
+    scratch_buffer* s = scratch();
+    if (s == NULL) return NULL;
+    const int64_t needed = (count + 31) / 32 * 32;
+    if (needed > s->between_capacity) {
+        free(s->between);
+        s->between = aligned_alloc(64, (size_t)(needed > 32 ? needed : 32) * sizeof(uint16_t));
+        s->between_capacity = s->between ? needed : 0;
+    }
+    return s->between;
+}
+
+/* Y = act(X W^T + bias) + R, called by every thread of a parallel region (the work is shared by omp for
+   loops, each ending in a barrier: Y is complete when it returns). XT: the packed rows of X, K/2 x ROW_CHUNK
+   (unused for one row). */
+static void product(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t N, int64_t K, int64_t ldw,
+                    const epilogue_args* e_, uint32_t* XT) {
+    if (M == 1) {
+        one_row(X, W, N, K, ldw, e_);
+        return;
+    }
+    const epilogue_args e = *e_;
+    const int64_t N16 = N / 16 * 16, nblocks = (N16 + 31) / 32, sw = ldw * 2;
+    float acc[4][256] __attribute__((aligned(64)));
+    float blocked[ROW_CHUNK / 32][4][256] __attribute__((aligned(64)));
+    configure_tiles();
+    for (int64_t c0 = 0; c0 < M; c0 += ROW_CHUNK) {
+        const int64_t rows = M - c0 < ROW_CHUNK ? M - c0 : ROW_CHUNK, Mp = (rows + 15) / 16 * 16, sx = Mp * 4;
+        /* X rows c0 .. c0+rows-1 -> XT[p][m] = (X[m][2p], X[m][2p+1]), zero from m = rows to Mp */
+        #pragma omp for schedule(static)
+        for (int64_t p0 = 0; p0 < K / 2; p0 += 16)
+            for (int64_t m0 = 0; m0 < Mp; m0 += 16) pack_16x16(X + c0 * ldx, ldx, m0, rows, p0, XT, Mp);
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < nblocks; nb++) {
+            const int64_t n0 = nb * 32;
+            const uint16_t *w0 = W + n0 * ldw, *w1 = w0 + 16 * ldw;
+            const int two_w = N16 - n0 >= 32;
+            int64_t m0 = 0;
+            if (two_w && Mp >= 64) { /* the full 32-row blocks, k-chunked; a last 16 rows below */
+                const int64_t blocks = Mp / 32;
+                rows_by_blocks(w0, w1, sw, XT, Mp, K, blocks, blocked);
+                for (int64_t b = 0; b < blocks; b++) {
+                    const int64_t left = rows - 32 * b, rows0 = left < 16 ? left : 16;
+                    const int64_t rows1 = left - 16 < 16 ? left - 16 : 16;
+                    finish_tile(blocked[b][0], c0 + 32 * b, rows0, n0, &e);
+                    if (rows1 > 0) finish_tile(blocked[b][1], c0 + 32 * b + 16, rows1, n0, &e);
+                    finish_tile(blocked[b][2], c0 + 32 * b, rows0, n0 + 16, &e);
+                    if (rows1 > 0) finish_tile(blocked[b][3], c0 + 32 * b + 16, rows1, n0 + 16, &e);
+                }
+                m0 = blocks * 32;
+            }
+            for (; m0 < Mp; m0 += 32) {
+                const int two_x = Mp - m0 >= 32;
+                const uint32_t* x = XT + m0;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                if (two_w && two_x) {
+                    accumulate_2x2(w0, w1, sw, x, Mp, 0, K);
+                } else if (two_w) {
+                    for (int64_t k = 0; k < K; k += 32) {
+                        _tile_loadd(4, w0 + k, sw);
+                        _tile_loadd(6, x + k / 2 * Mp, sx);
+                        _tile_loadd(5, w1 + k, sw);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(2, 5, 6);
+                    }
+                } else if (two_x) {
+                    for (int64_t k = 0; k < K; k += 32) {
+                        _tile_loadd(4, w0 + k, sw);
+                        _tile_loadd(6, x + k / 2 * Mp, sx);
+                        _tile_loadd(7, x + k / 2 * Mp + 16, sx);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                    }
+                } else {
+                    for (int64_t k = 0; k < K; k += 32) {
+                        _tile_loadd(4, w0 + k, sw);
+                        _tile_loadd(6, x + k / 2 * Mp, sx);
+                        _tile_dpbf16ps(0, 4, 6);
+                    }
+                }
+                _tile_stored(0, acc[0], 64);
+                _tile_stored(1, acc[1], 64);
+                _tile_stored(2, acc[2], 64);
+                _tile_stored(3, acc[3], 64);
+                const int64_t left = rows - m0, rows0 = left < 16 ? left : 16, rows1 = left - 16 < 16 ? left - 16 : 16;
+                finish_tile(acc[0], c0 + m0, rows0, n0, &e);
+                if (two_x && rows1 > 0) finish_tile(acc[1], c0 + m0 + 16, rows1, n0, &e);
+                if (two_w) {
+                    finish_tile(acc[2], c0 + m0, rows0, n0 + 16, &e);
+                    if (two_x && rows1 > 0) finish_tile(acc[3], c0 + m0 + 16, rows1, n0 + 16, &e);
+                }
+            }
+        }
+    }
+    _tile_release();
+    if (N16 < N) tail_outputs(X, M, ldx, W, N16, N, K, ldw, &e);
+}
+
+/* rows of X (K values, K % 16 == 0) -> LayerNorm(X) rows of Y: mean and variance in float32 (two passes),
+   then (x * rstd - mean * rstd) * gamma + beta rounded once to bfloat16, as PyTorch computes it for
+   bfloat16. Called by every thread of a parallel region; ends in a barrier. */
+static void layer_norm_rows(const uint16_t* X, int64_t M, int64_t ldx, int64_t K, const uint16_t* gamma,
+                            const uint16_t* beta, float eps, uint16_t* Y, int64_t ldy) {
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t* x = X + m * ldx;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) sum = _mm512_add_ps(sum, load_bf16(x + k));
+        const float mean = _mm512_reduce_add_ps(sum) / (float)K;
+        const __m512 mean_v = _mm512_set1_ps(mean);
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512 d = _mm512_sub_ps(load_bf16(x + k), mean_v);
+            squares = _mm512_fmadd_ps(d, d, squares);
+        }
+        const float variance = _mm512_reduce_add_ps(squares) / (float)K;
+        const float rstd = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss((variance > 0.0f ? variance : 0.0f) + eps)));
+        const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-mean * rstd);
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512 normed = _mm512_add_ps(_mm512_mul_ps(load_bf16(x + k), scale), shift);
+            const __m512 v = _mm512_add_ps(_mm512_mul_ps(normed, load_bf16(gamma + k)), load_bf16(beta + k));
+            _mm256_storeu_si256((__m256i*)(Y + m * ldy + k), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
 }
 
 /* Y = act(X W^T + bias) + R on `threads` OpenMP threads (the caller passes torch's count: OpenMP's own
@@ -365,97 +498,67 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
                          int64_t ldw, const uint16_t* bias, const uint16_t* R, int64_t ldr, uint16_t* Y, int64_t ldy,
                          int act, int threads) {
     const epilogue_args e = {bias, R, ldr, Y, ldy, act};
-    if (M == 1) {
-        one_row(X, W, N, K, ldw, &e, threads);
-        return 0;
-    }
-    uint32_t* const XT = packed_rows(K);
-    if (XT == NULL) return -1;
-    const int64_t N16 = N / 16 * 16, nblocks = (N16 + 31) / 32, sw = ldw * 2;
+    uint32_t* const XT = M == 1 ? NULL : packed_rows(K);
+    if (M > 1 && XT == NULL) return -1;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        float acc[4][256] __attribute__((aligned(64)));
-        float blocked[ROW_CHUNK / 32][4][256] __attribute__((aligned(64)));
         /* denormals flushed to zero (FTZ) and read as zero (DAZ) in this call: the activations' tails
            (exp and its reciprocal far out) would otherwise produce them, and each costs a microcode
            assist (tanh-GELU 3-5x slower for pre-activations reaching 30-100). Rounding to bfloat16 flushes
            them anyway. The caller's setting is restored. */
         const unsigned int caller_csr = _mm_getcsr();
         _mm_setcsr(caller_csr | 0x8040);
-        configure_tiles();
-        for (int64_t c0 = 0; c0 < M; c0 += ROW_CHUNK) {
-            const int64_t rows = M - c0 < ROW_CHUNK ? M - c0 : ROW_CHUNK, Mp = (rows + 15) / 16 * 16, sx = Mp * 4;
-            /* X rows c0 .. c0+rows-1 -> XT[p][m] = (X[m][2p], X[m][2p+1]), zero from m = rows to Mp */
-            #pragma omp for schedule(static)
-            for (int64_t p0 = 0; p0 < K / 2; p0 += 16)
-                for (int64_t m0 = 0; m0 < Mp; m0 += 16) pack_16x16(X + c0 * ldx, ldx, m0, rows, p0, XT, Mp);
-            #pragma omp for schedule(static)
-            for (int64_t nb = 0; nb < nblocks; nb++) {
-                const int64_t n0 = nb * 32;
-                const uint16_t *w0 = W + n0 * ldw, *w1 = w0 + 16 * ldw;
-                const int two_w = N16 - n0 >= 32;
-                int64_t m0 = 0;
-                if (two_w && Mp >= 64) { /* the full 32-row blocks, k-chunked; a last 16 rows below */
-                    const int64_t blocks = Mp / 32;
-                    rows_by_blocks(w0, w1, sw, XT, Mp, K, blocks, blocked);
-                    for (int64_t b = 0; b < blocks; b++) {
-                        const int64_t left = rows - 32 * b, rows0 = left < 16 ? left : 16;
-                        const int64_t rows1 = left - 16 < 16 ? left - 16 : 16;
-                        finish_tile(blocked[b][0], c0 + 32 * b, rows0, n0, &e);
-                        if (rows1 > 0) finish_tile(blocked[b][1], c0 + 32 * b + 16, rows1, n0, &e);
-                        finish_tile(blocked[b][2], c0 + 32 * b, rows0, n0 + 16, &e);
-                        if (rows1 > 0) finish_tile(blocked[b][3], c0 + 32 * b + 16, rows1, n0 + 16, &e);
-                    }
-                    m0 = blocks * 32;
-                }
-                for (; m0 < Mp; m0 += 32) {
-                    const int two_x = Mp - m0 >= 32;
-                    const uint32_t* x = XT + m0;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    if (two_w && two_x) {
-                        accumulate_2x2(w0, w1, sw, x, Mp, 0, K);
-                    } else if (two_w) {
-                        for (int64_t k = 0; k < K; k += 32) {
-                            _tile_loadd(4, w0 + k, sw);
-                            _tile_loadd(6, x + k / 2 * Mp, sx);
-                            _tile_loadd(5, w1 + k, sw);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(2, 5, 6);
-                        }
-                    } else if (two_x) {
-                        for (int64_t k = 0; k < K; k += 32) {
-                            _tile_loadd(4, w0 + k, sw);
-                            _tile_loadd(6, x + k / 2 * Mp, sx);
-                            _tile_loadd(7, x + k / 2 * Mp + 16, sx);
-                            _tile_dpbf16ps(0, 4, 6);
-                            _tile_dpbf16ps(1, 4, 7);
-                        }
-                    } else {
-                        for (int64_t k = 0; k < K; k += 32) {
-                            _tile_loadd(4, w0 + k, sw);
-                            _tile_loadd(6, x + k / 2 * Mp, sx);
-                            _tile_dpbf16ps(0, 4, 6);
-                        }
-                    }
-                    _tile_stored(0, acc[0], 64);
-                    _tile_stored(1, acc[1], 64);
-                    _tile_stored(2, acc[2], 64);
-                    _tile_stored(3, acc[3], 64);
-                    const int64_t left = rows - m0, rows0 = left < 16 ? left : 16, rows1 = left - 16 < 16 ? left - 16 : 16;
-                    finish_tile(acc[0], c0 + m0, rows0, n0, &e);
-                    if (two_x && rows1 > 0) finish_tile(acc[1], c0 + m0 + 16, rows1, n0, &e);
-                    if (two_w) {
-                        finish_tile(acc[2], c0 + m0, rows0, n0 + 16, &e);
-                        if (two_x && rows1 > 0) finish_tile(acc[3], c0 + m0 + 16, rows1, n0 + 16, &e);
-                    }
-                }
-            }
-        }
-        _tile_release();
-        if (N16 < N) tail_outputs(X, M, ldx, W, N16, N, K, ldw, &e);
+        product(X, M, ldx, W, N, K, ldw, &e, XT);
+        _mm_setcsr(caller_csr);
+    }
+    return 0;
+}
+
+/* The steps of a transformer block between two attentions' cores, in one parallel region: nothing else
+   runs between them, so the interpreter is not returned to (a weight stream evicts its code and data, and
+   each return costs tens of microseconds on the operations after it). Every step is optional but the
+   first layer:
+     S  = (X W0^T + b0) + R0               if W0 (N0 x K0: the attention's output projection)
+     H  = LayerNorm(S)                     if gamma (S: X without W0)
+     Y1 = act1(H W1^T + b1) + R1           W1: N1 x K1 (K1 = N0 with W0)
+     Y2 = (Y1 W2^T + b2) + R2              if W2 (N2 x N1; N1 % 32 == 0)
+   With W0, the last step's residual is S (a pre-LayerNorm block's second residual) and R1, R2 are
+   ignored. The last step writes Y (N1 or N2 values a row); S, H and Y1 before it live in the calling
+   thread's scratch. All row-major with contiguous rows: X (stride ldx), R0 (N0), R1 (N1), R2 (N2), Y.
+   b*, R* optional. Returns 0, or -1 if the scratch memory could not be allocated (nothing written). */
+int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W0, int64_t N0, int64_t K0,
+                        int64_t ldw0, const uint16_t* b0, const uint16_t* R0, const uint16_t* gamma,
+                        const uint16_t* beta, float eps, const uint16_t* W1, int64_t N1, int64_t K1, int64_t ldw1,
+                        const uint16_t* b1, int act1, const uint16_t* R1, const uint16_t* W2, int64_t N2,
+                        int64_t ldw2, const uint16_t* b2, const uint16_t* R2, uint16_t* Y, int threads) {
+    int64_t widest = K1;
+    if (W0 != NULL && K0 > widest) widest = K0;
+    if (W2 != NULL && N1 > widest) widest = N1;
+    uint32_t* const XT = M == 1 ? NULL : packed_rows(widest);
+    const int64_t s_size = W0 != NULL ? M * N0 : 0, h_size = gamma != NULL ? M * K1 : 0;
+    const int64_t y1_size = W2 != NULL ? M * N1 : 0;
+    uint16_t* const between = between_buffer(s_size + h_size + y1_size);
+    if ((M > 1 && XT == NULL) || between == NULL) return -1;
+    uint16_t *const S = W0 != NULL ? between : NULL, *const Xn = between + s_size;
+    uint16_t* const Y1 = W2 != NULL ? Xn + h_size : Y;
+    if (W0 != NULL) {
+        if (W2 != NULL) R2 = S;
+        else R1 = S;
+    }
+    const epilogue_args e0 = {b0, R0, N0, S, N0, ACT_NONE}, e1 = {b1, R1, N1, Y1, N1, act1},
+                        e2 = {b2, R2, N2, Y, N2, ACT_NONE};
+    const uint16_t* const In = W0 != NULL ? S : X; /* the LayerNorm's input */
+    const int64_t ldin = W0 != NULL ? N0 : ldx;
+    const uint16_t* const H = gamma != NULL ? Xn : In;
+    const int64_t ldh = gamma != NULL ? K1 : ldin;
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        const unsigned int caller_csr = _mm_getcsr(); /* as in registry_linear_bf16 */
+        _mm_setcsr(caller_csr | 0x8040);
+        if (W0 != NULL) product(X, M, ldx, W0, N0, K0, ldw0, &e0, XT);
+        if (gamma != NULL) layer_norm_rows(In, M, ldin, K1, gamma, beta, eps, Xn, K1);
+        product(H, M, ldh, W1, N1, K1, ldw1, &e1, XT);
+        if (W2 != NULL) product(Y1, M, N1, W2, N2, N1, ldw2, &e2, XT);
         _mm_setcsr(caller_csr);
     }
     return 0;

@@ -19,6 +19,9 @@ CONFIGS = {
     "h8-post-ln": dict(
         hidden_size=64, n_layer=3, n_head=8, apply_residual_connection_post_layernorm=True, layer_norm_epsilon=1e-2
     ),
+    # pre-LN with widths the AMX kernel takes (multiples of 32): in bfloat16, each block's steps between
+    # its attention's core and the next block's run as kernel chains (registry.fused.attention_output_and_mlp)
+    "h4-kernel-widths": dict(hidden_size=64, n_layer=2, n_head=4),
 }
 
 HEAD_CLASSES = {

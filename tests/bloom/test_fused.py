@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import registry
-from registry import fused
+from registry import amx, fused
 
 from .conftest import left_padded_batch
 
@@ -37,9 +37,12 @@ def test_float32_generation_is_the_same_with_and_without_the_fused_path(referenc
     assert torch.equal(fast, plain)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_bfloat16_logits_are_close_to_the_reference_s(reference_checkpoint, cache):
-    ref, folder = reference_checkpoint("causal-lm", "h8-post-ln")
+@pytest.mark.parametrize(
+    ("config_name", "cache"),
+    [(config, cache) for config in ("h8-post-ln", "h4-kernel-widths") for cache in ("dynamic", "static")],
+)
+def test_bfloat16_logits_are_close_to_the_reference_s(reference_checkpoint, config_name, cache):
+    ref, folder = reference_checkpoint("causal-lm", config_name)
     ours = registry.from_pretrained(folder, dtype="bfloat16", cache=cache)
     reference = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()  # the shared one stays fp32
     ids, mask = left_padded_batch(length=7)
@@ -55,3 +58,25 @@ def test_bfloat16_logits_are_close_to_the_reference_s(reference_checkpoint, cach
     reference_error = (expected - exact)[real].abs().max()
     assert ours_error <= 2 * reference_error + 1e-3
     assert (got - plain)[real].abs().max() <= 2 * reference_error + 1e-3
+
+
+@pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
+def test_bfloat16_blocks_run_as_two_kernel_chains_and_generate_as_the_plain_path(reference_checkpoint, monkeypatch):
+    _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
+    model = registry.from_pretrained(folder, dtype="bfloat16")
+    ids, mask = left_padded_batch(length=7)
+    chains = []
+    real = amx.run_chain
+    monkeypatch.setattr(amx, "run_chain", lambda *a, **k: chains.append(k) or real(*a, **k))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    # per block: the input LayerNorm with the query-key-value projection; the output projection, both
+    # residuals, the second LayerNorm and the MLP
+    steps = [(k.get("project") is not None, k["norm"] is not None, k.get("second") is not None) for k in chains]
+    assert steps == [(False, True, False), (True, True, True)] * 2
+    fast = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    with fused.disabled():
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    # the same tokens as the plain path (oneDNN and PyTorch's LayerNorm): on this model no choice is
+    # close enough for the two paths' bfloat16 rounding to decide it
+    assert torch.equal(fast, plain)

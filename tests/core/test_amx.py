@@ -330,3 +330,214 @@ def test_a_broadcast_residual_is_added_to_every_row():
         truth = F.linear(x.double(), layer.weight.double(), layer.bias.double()) + residual.double()
     assert got.shape == (5, 48)
     assert float((got.double() - truth).abs().max()) <= 2**-6 * float(truth.abs().max())
+
+
+# -- chains: the steps of a block between two attentions' cores in one kernel call -----------------
+
+# (rows, hidden, intermediate): one row; a few rows on tiles; two row chunks; widths with an output tail
+# where the kernel allows one (out_features of the last layer)
+CHAIN_SHAPES = [(1, 64, 128), (5, 96, 64), (130, 64, 96), (3, 128, 256)]
+
+
+def _chain_operands(rows: int, hidden: int, inner: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).bfloat16()
+
+    return dict(
+        x=bf16(rows, hidden),
+        r0=bf16(rows, hidden),
+        dense=(bf16(hidden, hidden, scale=hidden**-0.5), bf16(hidden)),
+        norm=(bf16(hidden, scale=0.5) + 1, bf16(hidden, scale=0.1), 1e-5),
+        up=(bf16(inner, hidden, scale=hidden**-0.5), bf16(inner)),
+        down=(bf16(hidden, inner, scale=inner**-0.5), bf16(hidden)),
+    )
+
+
+def _layer_norm(s: torch.Tensor, norm) -> torch.Tensor:
+    return F.layer_norm(s, (s.shape[-1],), norm[0], norm[1], norm[2])
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=[f"{m}x{h}x{i}" for m, h, i in CHAIN_SHAPES])
+def test_a_chain_without_a_layernorm_is_its_layers_on_the_kernel_bit_for_bit(shape):
+    o = _chain_operands(*shape, seed=sum(shape))
+    s = amx.linear(o["x"], *o["dense"], residual=o["r0"])
+    h = amx.linear(s, *o["up"], activation="gelu_tanh")
+    expected = amx.linear(h, *o["down"], residual=s)
+    got = amx.run_chain(o["x"], project=(*o["dense"], o["r0"]), first=o["up"], activation="gelu_tanh", second=o["down"])
+    assert torch.equal(got, expected)
+    # one layer with a residual of the caller's, and two layers with one
+    one = amx.run_chain(o["x"], first=o["dense"], residual=o["r0"])
+    assert torch.equal(one, s)
+    two = amx.run_chain(s, first=o["up"], activation="gelu_tanh", second=o["down"], residual=o["x"])
+    assert torch.equal(two, amx.linear(h, *o["down"], residual=o["x"]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", CHAIN_SHAPES, ids=[f"{m}x{h}x{i}" for m, h, i in CHAIN_SHAPES])
+def test_a_chain_with_a_layernorm_is_the_composition_up_to_the_layernorm_s_rounding(shape):
+    o = _chain_operands(*shape, seed=7 * sum(shape))
+    s = amx.linear(o["x"], *o["dense"], residual=o["r0"])
+    h = amx.linear(_layer_norm(s, o["norm"]), *o["up"], activation="gelu_tanh")
+    expected = amx.linear(h, *o["down"], residual=s)
+    got = amx.run_chain(
+        o["x"],
+        project=(*o["dense"], o["r0"]),
+        norm=o["norm"],
+        first=o["up"],
+        activation="gelu_tanh",
+        second=o["down"],
+    )
+    # the LayerNorm sums in another order than PyTorch's: a value may round the other way, and move the
+    # sums after it by as much
+    assert float((got.float() - expected.float()).abs().max()) <= 2**-6 * float(expected.float().abs().max())
+    # LayerNorm then one layer (a query-key-value projection)
+    qkv = amx.run_chain(s, norm=o["norm"], first=o["up"])
+    truth = amx.linear(_layer_norm(s, o["norm"]), *o["up"])
+    assert float((qkv.float() - truth.float()).abs().max()) <= 2**-6 * float(truth.float().abs().max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("offset", [0.0, 30.0])  # a mean far from zero: the variance must not cancel
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_the_chain_s_layernorm_rounds_like_pytorch_s_but_for_rare_values(rows, offset):
+    g = torch.Generator().manual_seed(rows)
+    hidden = 1024
+    x = (torch.randn(rows, hidden, generator=g) * 3 + offset).bfloat16()
+    norm = ((torch.randn(hidden, generator=g) * 0.5 + 1).bfloat16(), torch.randn(hidden, generator=g).bfloat16(), 1e-5)
+    identity = (torch.eye(hidden).bfloat16(), None)  # the product of a bfloat16 value and 1 is exact
+    got = amx.run_chain(x, norm=norm, first=identity)
+    expected = _layer_norm(x, norm)
+    differ = got != expected
+    assert float(differ.float().mean()) <= 1e-3  # measured: at most a few values in 10^4
+    # where they differ, by one step of bfloat16 rounding, or near zero by what float32 keeps of the
+    # cancellation x * rstd - mean * rstd (mean * rstd is about 10 here: 2^-20 of it, times gamma)
+    step = 2.0 ** (torch.floor(torch.log2(expected.float().abs().clamp_min(1e-30))) - 7)
+    assert bool(((got.float() - expected.float()).abs() <= step + 2**-12)[differ].all())
+
+
+@needs_kernel
+def test_a_constant_row_normalizes_to_the_layernorm_s_bias():
+    hidden = 64
+    x = torch.full((2, hidden), 3.5, dtype=torch.bfloat16)
+    beta = torch.linspace(-1, 1, hidden).bfloat16()
+    got = amx.run_chain(x, norm=(torch.ones(hidden).bfloat16(), beta, 1e-5), first=(torch.eye(hidden).bfloat16(), None))
+    assert torch.equal(got, beta.expand(2, hidden))
+    assert torch.equal(got, _layer_norm(x, (torch.ones(hidden).bfloat16(), beta, 1e-5)))
+
+
+@needs_kernel
+def test_a_chain_leaves_its_inputs_as_they_were():
+    o = _chain_operands(3, 64, 128, seed=3)
+    before = {name: [t.clone() for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+              for name, v in o.items()}  # fmt: skip
+    amx.run_chain(
+        o["x"], project=(*o["dense"], o["r0"]), norm=o["norm"], first=o["up"], activation="gelu", second=o["down"]
+    )
+    for name, tensors in before.items():
+        now = [t for t in (o[name] if isinstance(o[name], tuple) else (o[name],)) if isinstance(t, torch.Tensor)]
+        assert all(torch.equal(a, b) for a, b in zip(tensors, now, strict=True)), name
+
+
+def _block_modules(hidden: int = 64, inner: int = 128, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    dense, up, down = nn.Linear(hidden, hidden), nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+    norm = nn.LayerNorm(hidden)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+        norm.bias.normal_(0, 0.2)
+    return [m.to(dtype) for m in (dense, norm, up, down)]
+
+
+def _composition(attention, residual, dense, norm, up, down):
+    with fused.disabled():
+        s = fused.linear(attention, dense, residual=residual)
+        return fused.linear(fused.linear(norm(s), up, activation="gelu_tanh"), down, residual=s)
+
+
+@needs_kernel
+def test_attention_output_and_mlp_runs_as_one_kernel_call(monkeypatch):
+    dense, norm, up, down = _block_modules()
+    attention, residual = torch.randn(2, 3, 64).bfloat16(), torch.randn(2, 3, 64).bfloat16()
+    calls = []
+    real = amx.run_chain
+    monkeypatch.setattr(amx, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with torch.no_grad():
+        got = fused.attention_output_and_mlp(
+            attention, residual, dense=dense, norm=norm, up=up, down=down, activation="gelu_tanh"
+        )
+        expected = _composition(attention, residual, dense, norm, up, down)
+    assert len(calls) == 1 and calls[0]["project"] is not None and calls[0]["norm"] is not None
+    assert got.shape == (2, 3, 64)
+    assert float((got.float() - expected.float()).abs().max()) <= 2**-6 * float(expected.float().abs().max())
+
+
+def test_attention_output_and_mlp_elsewhere_is_the_composition_exactly():
+    dense, norm, up, down = _block_modules(dtype=torch.float32)
+    # one float32 row: F.linear's own numbers (a few rows would take the AVX-512 kernel's)
+    attention, residual = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+    with torch.no_grad():
+        got = fused.attention_output_and_mlp(
+            attention, residual, dense=dense, norm=norm, up=up, down=down, activation="gelu_tanh"
+        )
+        s = F.linear(attention, dense.weight, dense.bias) + residual
+        expected = F.linear(F.gelu(F.linear(norm(s), up.weight, up.bias), approximate="tanh"), down.weight, down.bias)
+        expected = expected + s
+    assert torch.equal(got, expected)
+
+
+@needs_kernel
+def test_a_layernorm_with_a_forward_hook_runs_as_a_module(monkeypatch):
+    dense, norm, up, down = _block_modules()
+    seen = []
+    norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    calls = []
+    real = amx.run_chain
+    monkeypatch.setattr(amx, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = torch.randn(4, 64).bfloat16()
+    with torch.no_grad():
+        got = fused.mlp(x, up, down, activation="gelu_tanh", residual=x, norm=norm)
+        qkv = fused.linear(x, up, norm=norm)
+    assert seen == [(4, 64), (4, 64)]  # the hook ran both times
+    assert calls == [] or all(call["norm"] is None for call in calls)
+    with torch.no_grad():
+        h = norm(x)
+        assert torch.equal(qkv, fused.linear(h, up))
+        assert torch.equal(got, fused.linear(fused.linear(h, up, activation="gelu_tanh"), down, residual=x))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "change",
+    [
+        "odd width",  # in_features not a multiple of the kernel's k tile
+        "no affine",  # a LayerNorm without weights
+        "float32 norm",  # parameters in another dtype
+        "grad",  # autograd on
+    ],
+)
+def test_what_the_chain_refuses_runs_as_the_composition(change):
+    hidden = 48 if change == "odd width" else 64
+    dense, norm, up, down = _block_modules(hidden=hidden)
+    if change == "no affine":
+        norm = nn.LayerNorm(hidden, elementwise_affine=False)
+    if change == "float32 norm":
+        norm = norm.float()
+    x = torch.randn(3, hidden).bfloat16()
+    context = torch.enable_grad() if change == "grad" else torch.no_grad()
+    with context:
+        assert fused._amx_chain(x, norm=norm, first=up, activation="gelu_tanh", second=down, residual=x) is None
+        got = fused.mlp(x, up, down, activation="gelu_tanh", residual=x, norm=norm)
+        h = fused.linear(fused.linear(norm(x), up, activation="gelu_tanh"), down, residual=x)
+    assert torch.equal(got, h)
+
+
+def test_unknown_activations_are_refused_by_name():
+    dense, norm, up, down = _block_modules(dtype=torch.float32)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="gelu_tanh"):
+        fused.mlp(x, up, down, activation="swish")
+    with pytest.raises(ValueError, match="not fusable"):
+        fused.attention_output_and_mlp(x, x, dense=dense, norm=norm, up=up, down=down, activation="swish")
