@@ -55,7 +55,9 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
         pointer, pointer, ctypes.c_float,  # gamma, beta, eps
         pointer, integer, integer, integer, pointer, ctypes.c_int, pointer,  # W1, N1, K1, ldw1, b1, act1, R1
         pointer, integer, integer, pointer, pointer,  # W2, N2, ldw2, b2, R2
-        pointer, ctypes.c_int,  # Y, threads
+        pointer,  # Y
+        pointer, pointer, ctypes.c_float, pointer, integer, integer, pointer, pointer,  # gamma3 .. b3, Y3
+        ctypes.c_int,  # threads
     ]  # fmt: skip
     return library
 
@@ -255,6 +257,7 @@ def run_chain(
     activation: str | None = None,
     second: Layer | None = None,
     residual: Tensor | None = None,
+    then: tuple[Norm, Layer, Tensor] | None = None,
 ) -> Tensor:
     """The steps of a transformer block between two attentions' cores, in one kernel call: nothing runs
     between them, so the interpreter is not returned to (a weight stream evicts its code and data, and
@@ -267,14 +270,18 @@ def run_chain(
     ``second`` are optional; without ``second`` the residual is added to ``first``'s output. Only the
     result is a new tensor: the steps before it write the calling thread's scratch memory in the kernel.
 
+    ``then`` = (norm, (weight, bias), out) also computes the next block's first projection of the result,
+    ``LayerNorm(result) @ weight^T + bias``, into ``out`` (rows, weight's out_features), in the same call.
+
     Like :func:`run`, without checks: x is (rows, in_features) with contiguous rows; every weight has
     contiguous rows and in_features a multiple of K_MULTIPLE; biases, residuals and the LayerNorm's
     parameters are contiguous and of the right length; all bfloat16 on the CPU. The kernel must be ready."""
     out_features = (first if second is None else second)[0].shape[0]
     y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
-    args = (_library, x, project, norm, first, activation, second, residual, y)
+    args = (_library, x, project, norm, first, activation, second, residual, y, then)
     if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
-        steps = [w.shape for w, *_ in (project, first, second) if w is not None]  # type: ignore[misc]
+        layers = (project, first, second, then[1] if then is not None else None)
+        steps = [layer[0].shape for layer in layers if layer is not None]
         name = f"registry.amx.chain {x.shape[0]} rows {' '.join(f'{k}->{n}' for n, k in steps)}"
         with torch.profiler.record_function(name + (" layernorm" if norm is not None else "")):
             _call_chain(*args)  # type: ignore[arg-type]
@@ -293,8 +300,10 @@ def _call_chain(
     second: Layer | None,
     residual: Tensor | None,
     y: Tensor,
+    then: tuple[Norm, Layer, Tensor] | None = None,
 ) -> None:
     w0, b0, r0 = project if project is not None else (None, None, None)
+    (gamma3, beta3, eps3), (w3, b3), y3 = then if then is not None else ((None, None, 0.0), (None, None), None)
     w1, b1 = first
     w2, b2 = second if second is not None else (None, None)
     r1, r2 = (residual, None) if second is None else (None, residual)
@@ -309,7 +318,11 @@ def _call_chain(
         None if b1 is None else b1.data_ptr(), ACTIVATIONS[activation], None if r1 is None else r1.data_ptr(),
         None if w2 is None else w2.data_ptr(), 0 if w2 is None else w2.shape[0], 0 if w2 is None else w2.stride(0),
         None if b2 is None else b2.data_ptr(), None if r2 is None else r2.data_ptr(),
-        y.data_ptr(), torch.get_num_threads(),
+        y.data_ptr(),
+        None if gamma3 is None else gamma3.data_ptr(), None if beta3 is None else beta3.data_ptr(), eps3,
+        None if w3 is None else w3.data_ptr(), 0 if w3 is None else w3.shape[0], 0 if w3 is None else w3.stride(0),
+        None if b3 is None else b3.data_ptr(), None if y3 is None else y3.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("the AMX kernel could not allocate its scratch memory")

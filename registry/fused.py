@@ -249,10 +249,13 @@ def _amx_chain(
     activation: str | None = None,
     second: nn.Linear | None = None,
     residual: Tensor | None = None,
+    then: tuple[nn.LayerNorm, nn.Linear] | None = None,
+    then_out: list[Tensor] | None = None,
 ) -> Tensor | None:
     """:func:`registry.amx.run_chain` on modules (``project``: the attention's output projection and the
-    block's residual); None where it does not apply: where :func:`_amx_linear` would refuse a layer alone,
-    or the LayerNorm is not one the kernel computes (an affine bfloat16 LayerNorm over its input's last
+    block's residual; ``then``: the next block's LayerNorm and first projection, whose result is appended
+    to ``then_out``); None where it does not apply: where :func:`_amx_linear` would refuse a layer alone,
+    or a LayerNorm is not one the kernel computes (an affine bfloat16 LayerNorm over its input's last
     dimension) or has forward hooks (it runs as a module then, and they run)."""
     in_features = x.shape[-1]
     if (
@@ -280,22 +283,19 @@ def _amx_chain(
         return None
     norm_args = None
     if norm is not None:
-        gamma, beta = norm.weight, norm.bias
-        normalized = layers[0][0].shape[0] if project is not None else in_features
-        if (
-            tuple(norm.normalized_shape) != (normalized,)
-            or gamma is None
-            or beta is None
-            or gamma.dtype is not torch.bfloat16
-            or beta.dtype is not torch.bfloat16
-            or not gamma.is_cpu
-            or not beta.is_cpu
-            or not gamma.is_contiguous()
-            or not beta.is_contiguous()
-            or has_forward_hooks(norm)
-        ):
+        norm_args = _amx_norm(norm, layers[0][0].shape[0] if project is not None else in_features)
+        if norm_args is None:
             return None
-        norm_args = (gamma, beta, float(norm.eps))
+    then_args = None
+    if then is not None:
+        then_norm, then_operand = (
+            _amx_norm(then[0], width),
+            None if width % amx.K_MULTIPLE else _amx_operand(then[1], width),
+        )
+        if then_norm is None or then_operand is None or then_out is None:
+            return None
+        then_y = torch.empty(*leading, then_operand[0].shape[0], dtype=torch.bfloat16)
+        then_args = (then_norm, then_operand, then_y.view(-1, then_operand[0].shape[0]))
     x2 = x.reshape(-1, in_features)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -308,6 +308,7 @@ def _amx_chain(
             first=layers[1],
             activation=activation,
             second=layers[2] if second is not None else None,
+            then=then_args,
         )
     else:
         y = amx.run_chain(
@@ -317,8 +318,32 @@ def _amx_chain(
             activation=activation,
             second=layers[1] if second is not None else None,
             residual=None if residual is None else residual.reshape(-1, width).contiguous(),
+            then=then_args,
         )
+    if then_args is not None and then_out is not None:
+        then_out.append(then_y)
     return y.view(*leading, width)
+
+
+def _amx_norm(norm: nn.LayerNorm, width: int) -> amx.Norm | None:
+    """The LayerNorm's (weight, bias, eps) if the AMX chain computes it over rows of ``width``: affine,
+    bfloat16, contiguous, on the CPU, without forward hooks (those run it as a module)."""
+    gamma, beta = norm.weight, norm.bias
+    if (
+        tuple(norm.normalized_shape) != (width,)
+        or width % 16
+        or gamma is None
+        or beta is None
+        or gamma.dtype is not torch.bfloat16
+        or beta.dtype is not torch.bfloat16
+        or not gamma.is_cpu
+        or not beta.is_cpu
+        or not gamma.is_contiguous()
+        or not beta.is_contiguous()
+        or has_forward_hooks(norm)
+    ):
+        return None
+    return gamma, beta, float(norm.eps)
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -677,9 +702,12 @@ def attention_output_and_mlp(
     down: nn.Linear,
     activation: str,
     reference_activation: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
+    then: tuple[nn.LayerNorm, nn.Linear] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """The rest of a pre-LayerNorm transformer block after its attention's core: with
-    ``s = dense(attention) + residual``, returns ``down(activation(up(norm(s)))) + s``.
+    ``s = dense(attention) + residual``, ``y = down(activation(up(norm(s)))) + s``; returns
+    ``(y, then[1](then[0](y)))`` (the next block's LayerNorm and first projection), or ``(y, None)``
+    without ``then``.
 
     On the AMX kernel, one kernel call for all of it (see :func:`mlp`): the four weight streams of a
     block's decode step but the query-key-value projection follow each other with nothing between them.
@@ -691,11 +719,26 @@ def attention_output_and_mlp(
         dense: the attention's output projection.
         norm: the block's second LayerNorm, over ``dense.out_features``.
         up, down, activation, reference_activation: as in :func:`mlp`.
+        then: the next block's first LayerNorm and projection (its query-key-value projection), or None.
+            On the kernel they run in the same call (the next block's weights stream right after this
+            one's); elsewhere as :func:`linear` with ``norm`` would run them. The numbers are the same.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)}")
-    y = _amx_chain(attention, project=(dense, residual), norm=norm, first=up, activation=activation, second=down)
-    if y is not None:
-        return y
-    s = linear(attention, dense, residual=residual)
-    return mlp(s, up, down, activation=activation, residual=s, norm=norm, reference_activation=reference_activation)
+    projected: list[Tensor] = []
+    y = _amx_chain(
+        attention,
+        project=(dense, residual),
+        norm=norm,
+        first=up,
+        activation=activation,
+        second=down,
+        then=then,
+        then_out=projected,
+    )
+    if y is None:
+        s = linear(attention, dense, residual=residual)
+        y = mlp(s, up, down, activation=activation, residual=s, norm=norm, reference_activation=reference_activation)
+    if then is None:
+        return y, None
+    return y, projected[0] if projected else linear(y, then[1], norm=then[0])

@@ -155,12 +155,16 @@ class BloomAttention(nn.Module):
         cache: KVCache | None,
         need_weights: bool,
         norm: nn.LayerNorm | None = None,
+        projected: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The attention of ``norm(x)`` with its heads merged, before the output projection (``norm``, the
-        block's input LayerNorm, runs with the query-key-value projection where a kernel takes both)."""
+        block's input LayerNorm, runs with the query-key-value projection where a kernel takes both).
+        ``projected``: that projection, where the block before computed it (then x is not read again)."""
         B, T, C = x.shape
+        if projected is None:
+            projected = linear(x, self.query_key_value, norm=norm)
         # the fused projection interleaves q, k, v per head: (B, T, H, 3, D)
-        qkv = linear(x, self.query_key_value, norm=norm).view(B, T, self.num_heads, 3, self.head_dim)
+        qkv = projected.view(B, T, self.num_heads, 3, self.head_dim)
         q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D)
         if rotate is not None:
             q, k = rotate(q, k, positions)
@@ -218,22 +222,34 @@ class BloomBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = BloomMLP(config)
 
-    def forward(self, x: Tensor, **attention: Any) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, *, projected: Tensor | None = None, then: BloomBlock | None = None, **attention: Any
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(output, attention weights or None, ``then``'s query-key-value projection or None).
+
+        ``projected``: this block's query-key-value projection of ``input_layernorm(x)``, computed by the
+        block before; None computes it here. ``then``: the next block, whose projection this block
+        computes with its own last steps where one kernel call can take them all (see
+        :func:`registry.fused.attention_output_and_mlp`); None where it did not."""
         if self.post_ln_residual:  # the LayerNorms' outputs are the residuals: they run on their own
             h = self.input_layernorm(x)
             x, weights = self.self_attention(h, h, **attention)
             h = self.post_attention_layernorm(x)
-            return self.mlp(h, h), weights
+            return self.mlp(h, h), weights, None
         attn, mlp_ = self.self_attention, self.mlp
         split = attn.tp_slices or mlp_.tp_slices or attn.dropping or mlp_.dropping
         if split or has_forward_hooks(attn) or has_forward_hooks(mlp_):
             # module by module; each LayerNorm still goes with the projection after it
             x, weights = attn(x, x, norm=self.input_layernorm, **attention)
-            return mlp_(x, x, norm=self.post_attention_layernorm), weights
+            return mlp_(x, x, norm=self.post_attention_layernorm), weights, None
         # the attention's core, then everything up to the next block's attention in one step (one kernel
-        # call where the kernel takes it: the output projection, both residuals, the LayerNorm, the MLP)
-        out, weights = attn.core(x, norm=self.input_layernorm, **attention)
-        y = attention_output_and_mlp(
+        # call where the kernel takes it: the output projection, both residuals, the LayerNorm, the MLP,
+        # and the next block's LayerNorm and query-key-value projection)
+        out, weights = attn.core(x, norm=self.input_layernorm, projected=projected, **attention)
+        following = None
+        if then is not None and then.takes_projection():
+            following = (then.input_layernorm, then.self_attention.query_key_value)
+        y, projection = attention_output_and_mlp(
             out,
             x,
             dense=attn.dense,
@@ -242,8 +258,25 @@ class BloomBlock(nn.Module):
             down=mlp_.dense_4h_to_h,
             activation="gelu_tanh",
             reference_activation=mlp_.reference_activation(x.dtype),
+            then=following,
         )
-        return y, weights
+        return y, weights, projection
+
+    def takes_projection(self) -> bool:
+        """Whether this block takes its query-key-value projection from the block before: it uses it as
+        computed (pre-LayerNorm, one projection, no dropout) and nothing may change its input first
+        (no forward hooks on it or on its attention)."""
+        attn = self.self_attention
+        return not (
+            self.post_ln_residual
+            or attn.tp_slices
+            or attn.dropping
+            or self.mlp.tp_slices
+            or self.mlp.dropping
+            or has_forward_hooks(self)
+            or has_forward_hooks(attn)
+            or has_forward_hooks(self.mlp)
+        )
 
 
 # -- backbone -------------------------------------------------------------------------------------
@@ -316,11 +349,14 @@ class BloomModel(nn.Module):
         rotate = self.position.rotate if self.rotates else None
         all_hidden: list[Tensor] = []
         all_weights: list[Tensor] = []
+        projected = None  # the next block's query-key-value projection, where the block before computed it
         for i, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden.append(x)
-            x, weights = block(
+            x, weights, projected = block(
                 x,
+                projected=projected,
+                then=self.h[i + 1] if i + 1 < len(self.h) else None,
                 mask=mask,
                 bias=biases[i],
                 positions=positions,

@@ -522,31 +522,38 @@ int registry_linear_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16
      H  = LayerNorm(S)                     if gamma (S: X without W0)
      Y1 = act1(H W1^T + b1) + R1           W1: N1 x K1 (K1 = N0 with W0)
      Y2 = (Y1 W2^T + b2) + R2              if W2 (N2 x N1; N1 % 32 == 0)
-   With W0, the last step's residual is S (a pre-LayerNorm block's second residual) and R1, R2 are
-   ignored. The last step writes Y (N1 or N2 values a row); S, H and Y1 before it live in the calling
-   thread's scratch. All row-major with contiguous rows: X (stride ldx), R0 (N0), R1 (N1), R2 (N2), Y.
-   b*, R* optional. Returns 0, or -1 if the scratch memory could not be allocated (nothing written). */
+     Y3 = LayerNorm3(Y) W3^T + b3          if W3 (N3 x width of Y: the next block's first projection)
+   With W0, the residual of Y1 or Y2, whichever is last, is S (a pre-LayerNorm block's second residual)
+   and R1, R2 are ignored. Y, the last of Y1 and Y2, and Y3 are the caller's; S, H, Y1 before Y2, and
+   LayerNorm3(Y) live in the calling thread's scratch. All row-major with contiguous rows: X (stride ldx),
+   R0 (N0), R1 (N1), R2 (N2), Y, Y3 (N3). b*, R* optional. Returns 0, or -1 if the scratch memory could
+   not be allocated (nothing written). */
 int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W0, int64_t N0, int64_t K0,
                         int64_t ldw0, const uint16_t* b0, const uint16_t* R0, const uint16_t* gamma,
                         const uint16_t* beta, float eps, const uint16_t* W1, int64_t N1, int64_t K1, int64_t ldw1,
                         const uint16_t* b1, int act1, const uint16_t* R1, const uint16_t* W2, int64_t N2,
-                        int64_t ldw2, const uint16_t* b2, const uint16_t* R2, uint16_t* Y, int threads) {
+                        int64_t ldw2, const uint16_t* b2, const uint16_t* R2, uint16_t* Y, const uint16_t* gamma3,
+                        const uint16_t* beta3, float eps3, const uint16_t* W3, int64_t N3, int64_t ldw3,
+                        const uint16_t* b3, uint16_t* Y3, int threads) {
+    const int64_t NY = W2 != NULL ? N2 : N1; /* Y's width */
     int64_t widest = K1;
     if (W0 != NULL && K0 > widest) widest = K0;
     if (W2 != NULL && N1 > widest) widest = N1;
+    if (W3 != NULL && NY > widest) widest = NY;
     uint32_t* const XT = M == 1 ? NULL : packed_rows(widest);
     const int64_t s_size = W0 != NULL ? M * N0 : 0, h_size = gamma != NULL ? M * K1 : 0;
-    const int64_t y1_size = W2 != NULL ? M * N1 : 0;
-    uint16_t* const between = between_buffer(s_size + h_size + y1_size);
+    const int64_t y1_size = W2 != NULL ? M * N1 : 0, h3_size = W3 != NULL ? M * NY : 0;
+    uint16_t* const between = between_buffer(s_size + h_size + y1_size + h3_size);
     if ((M > 1 && XT == NULL) || between == NULL) return -1;
     uint16_t *const S = W0 != NULL ? between : NULL, *const Xn = between + s_size;
     uint16_t* const Y1 = W2 != NULL ? Xn + h_size : Y;
+    uint16_t* const H3 = Xn + h_size + y1_size;
     if (W0 != NULL) {
         if (W2 != NULL) R2 = S;
         else R1 = S;
     }
     const epilogue_args e0 = {b0, R0, N0, S, N0, ACT_NONE}, e1 = {b1, R1, N1, Y1, N1, act1},
-                        e2 = {b2, R2, N2, Y, N2, ACT_NONE};
+                        e2 = {b2, R2, N2, Y, N2, ACT_NONE}, e3 = {b3, NULL, 0, Y3, N3, ACT_NONE};
     const uint16_t* const In = W0 != NULL ? S : X; /* the LayerNorm's input */
     const int64_t ldin = W0 != NULL ? N0 : ldx;
     const uint16_t* const H = gamma != NULL ? Xn : In;
@@ -559,6 +566,10 @@ int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_
         if (gamma != NULL) layer_norm_rows(In, M, ldin, K1, gamma, beta, eps, Xn, K1);
         product(H, M, ldh, W1, N1, K1, ldw1, &e1, XT);
         if (W2 != NULL) product(Y1, M, N1, W2, N2, N1, ldw2, &e2, XT);
+        if (W3 != NULL) {
+            layer_norm_rows(Y, M, NY, NY, gamma3, beta3, eps3, H3, NY);
+            product(H3, M, NY, W3, N3, NY, ldw3, &e3, XT);
+        }
         _mm_setcsr(caller_csr);
     }
     return 0;

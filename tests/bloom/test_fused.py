@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import registry
+from plugins.families.bloom import BloomAttention
 from registry import amx, fused
 
 from .conftest import left_padded_batch
@@ -61,7 +62,7 @@ def test_bfloat16_logits_are_close_to_the_reference_s(reference_checkpoint, conf
 
 
 @pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
-def test_bfloat16_blocks_run_as_two_kernel_chains_and_generate_as_the_plain_path(reference_checkpoint, monkeypatch):
+def test_bfloat16_blocks_run_as_one_kernel_chain_each_and_generate_as_the_plain_path(reference_checkpoint, monkeypatch):
     _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
     model = registry.from_pretrained(folder, dtype="bfloat16")
     ids, mask = left_padded_batch(length=7)
@@ -70,13 +71,40 @@ def test_bfloat16_blocks_run_as_two_kernel_chains_and_generate_as_the_plain_path
     monkeypatch.setattr(amx, "run_chain", lambda *a, **k: chains.append(k) or real(*a, **k))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    # per block: the input LayerNorm with the query-key-value projection; the output projection, both
-    # residuals, the second LayerNorm and the MLP
-    steps = [(k.get("project") is not None, k["norm"] is not None, k.get("second") is not None) for k in chains]
-    assert steps == [(False, True, False), (True, True, True)] * 2
+    # the first block's input LayerNorm and query-key-value projection; then per block its output
+    # projection, both residuals, the second LayerNorm, the MLP, and (but for the last block) the next
+    # block's input LayerNorm and projection
+    steps = [tuple(k.get(step) is not None for step in ("project", "norm", "second", "then")) for k in chains]
+    assert steps == [(False, True, False, False), (True, True, True, True), (True, True, True, False)]
     fast = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     with fused.disabled():
         plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     # the same tokens as the plain path (oneDNN and PyTorch's LayerNorm): on this model no choice is
     # close enough for the two paths' bfloat16 rounding to decide it
     assert torch.equal(fast, plain)
+
+
+@pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
+def test_a_block_whose_input_a_hook_changes_projects_it_itself(reference_checkpoint, monkeypatch):
+    _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
+    model = registry.from_pretrained(folder, dtype="bfloat16")
+    ids, mask = left_padded_batch(length=7)
+    handed = []  # per block: whether it was handed its projection by the block before
+    core = BloomAttention.core
+    monkeypatch.setattr(
+        BloomAttention, "core", lambda self, x, **k: handed.append(k.get("projected") is not None) or core(self, x, **k)
+    )
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        assert handed == [False, True]
+        # the block before would otherwise compute this block's query-key-value projection itself, from
+        # the input the hook has not yet changed
+        shift = torch.linspace(-2, 2, 64).bfloat16()  # per feature: survives the LayerNorm
+        model.backbone.h[1].register_forward_pre_hook(lambda module, args: (args[0] + shift,))
+        handed.clear()
+        got = model(input_ids=ids, attention_mask=mask).logits.float()
+        assert handed == [False, False]
+        with fused.disabled():
+            plain = model(input_ids=ids, attention_mask=mask).logits.float()
+    real = mask.bool()
+    assert (got - plain)[real].abs().max() <= 0.01

@@ -355,6 +355,14 @@ def _chain_operands(rows: int, hidden: int, inner: int, seed: int):
     )
 
 
+def _block_chain(o, **extra) -> torch.Tensor:
+    """A whole block's chain on the operands of :func:`_chain_operands`."""
+    project = (*o["dense"], o["r0"])
+    return amx.run_chain(
+        o["x"], project=project, norm=o["norm"], first=o["up"], activation="gelu_tanh", second=o["down"], **extra
+    )
+
+
 def _layer_norm(s: torch.Tensor, norm) -> torch.Tensor:
     return F.layer_norm(s, (s.shape[-1],), norm[0], norm[1], norm[2])
 
@@ -382,14 +390,7 @@ def test_a_chain_with_a_layernorm_is_the_composition_up_to_the_layernorm_s_round
     s = amx.linear(o["x"], *o["dense"], residual=o["r0"])
     h = amx.linear(_layer_norm(s, o["norm"]), *o["up"], activation="gelu_tanh")
     expected = amx.linear(h, *o["down"], residual=s)
-    got = amx.run_chain(
-        o["x"],
-        project=(*o["dense"], o["r0"]),
-        norm=o["norm"],
-        first=o["up"],
-        activation="gelu_tanh",
-        second=o["down"],
-    )
+    got = _block_chain(o)
     # the LayerNorm sums in another order than PyTorch's: a value may round the other way, and move the
     # sums after it by as much
     assert float((got.float() - expected.float()).abs().max()) <= 2**-6 * float(expected.float().abs().max())
@@ -465,10 +466,11 @@ def test_attention_output_and_mlp_runs_as_one_kernel_call(monkeypatch):
     real = amx.run_chain
     monkeypatch.setattr(amx, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
     with torch.no_grad():
-        got = fused.attention_output_and_mlp(
+        got, nothing = fused.attention_output_and_mlp(
             attention, residual, dense=dense, norm=norm, up=up, down=down, activation="gelu_tanh"
         )
         expected = _composition(attention, residual, dense, norm, up, down)
+    assert nothing is None
     assert len(calls) == 1 and calls[0]["project"] is not None and calls[0]["norm"] is not None
     assert got.shape == (2, 3, 64)
     assert float((got.float() - expected.float()).abs().max()) <= 2**-6 * float(expected.float().abs().max())
@@ -479,7 +481,7 @@ def test_attention_output_and_mlp_elsewhere_is_the_composition_exactly():
     # one float32 row: F.linear's own numbers (a few rows would take the AVX-512 kernel's)
     attention, residual = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
     with torch.no_grad():
-        got = fused.attention_output_and_mlp(
+        got, _ = fused.attention_output_and_mlp(
             attention, residual, dense=dense, norm=norm, up=up, down=down, activation="gelu_tanh"
         )
         s = F.linear(attention, dense.weight, dense.bias) + residual
@@ -541,3 +543,44 @@ def test_unknown_activations_are_refused_by_name():
         fused.mlp(x, up, down, activation="swish")
     with pytest.raises(ValueError, match="not fusable"):
         fused.attention_output_and_mlp(x, x, dense=dense, norm=norm, up=up, down=down, activation="swish")
+
+
+@needs_kernel
+def test_a_profile_names_each_chain_with_its_steps():
+    o = _chain_operands(3, 64, 128, seed=5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        amx.run_chain(o["x"], norm=o["norm"], first=o["up"])
+        amx.run_chain(o["x"], project=(*o["dense"], o["r0"]), norm=o["norm"], first=o["up"], second=o["down"])
+    names = {event.name for event in profile.events()}
+    assert "registry.amx.chain 3 rows 64->128 layernorm" in names
+    assert "registry.amx.chain 3 rows 64->64 64->128 128->64 layernorm" in names
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_a_chain_computes_the_next_block_s_projection_as_its_own_call_would(rows):
+    o = _chain_operands(rows, 64, 128, seed=11 * rows)
+    g = torch.Generator().manual_seed(rows)
+    next_norm = ((torch.randn(64, generator=g) * 0.3 + 1).bfloat16(), torch.randn(64, generator=g).bfloat16(), 1e-3)
+    next_layer = ((torch.randn(192, 64, generator=g) / 8).bfloat16(), torch.randn(192, generator=g).bfloat16())
+    out = torch.full((rows, 192), 7.0, dtype=torch.bfloat16)
+    y = _block_chain(o, then=(next_norm, next_layer, out))
+    alone = _block_chain(o)
+    assert torch.equal(y, alone)
+    assert torch.equal(out, amx.run_chain(alone, norm=next_norm, first=next_layer))
+
+
+@needs_kernel
+def test_attention_output_and_mlp_returns_the_next_projection_on_and_off_the_kernel():
+    dense, norm, up, down = _block_modules()
+    torch.manual_seed(1)
+    next_norm, next_layer = nn.LayerNorm(64).bfloat16(), nn.Linear(64, 192).bfloat16()
+    attention, residual = torch.randn(2, 3, 64).bfloat16(), torch.randn(2, 3, 64).bfloat16()
+    with torch.no_grad():
+        kwargs = dict(dense=dense, norm=norm, up=up, down=down, activation="gelu_tanh", then=(next_norm, next_layer))
+        y, projection = fused.attention_output_and_mlp(attention, residual, **kwargs)
+        assert projection.shape == (2, 3, 192)
+        assert torch.equal(projection, fused.linear(y, next_layer, norm=next_norm))
+        with fused.disabled():
+            plain_y, plain_projection = fused.attention_output_and_mlp(attention, residual, **kwargs)
+            assert torch.equal(plain_projection, fused.linear(plain_y, next_layer, norm=next_norm))
