@@ -9,10 +9,11 @@ Two measurements, reported in docs/benchmarks.md:
    a 64 MB read (our AMX GEMV, ``F.linear``, ``t.sum()``), and once more after that. The second add
    shows whether the cost is a one-off refill (caches) or lasting (the core's state).
 2. One ``generate`` call (16-token prompt, 64 new tokens) with every AMX kernel call timed: the time in
-   each projection's kernel, and the time from the end of each projection to the start of the next
-   kernel call (what runs between: attention and the cache after qkv, LayerNorm after the attention
-   output and the MLP, the next step's set-up after the lm_head). Totals are per decode step, the
-   prompt's calls excluded.
+   each call, named by its steps (a single projection, or a chain: "attention out + mlp + next qkv" is
+   one call from a block's attention output to the next block's query-key-value projection), and the
+   time from the end of each call to the start of the next (what runs between: the cache writes and
+   the attention after a qkv projection, the next step's set-up after the lm_head). Totals are per
+   decode step, the prompt's calls excluded.
 
 Needs the AMX kernel (``registry.amx.status()``); timings print, nothing is asserted.
 """
@@ -80,43 +81,61 @@ def projection_of(weight: torch.Tensor, hidden: int) -> str:
     return "lm_head"
 
 
+def chain_name(project: Any, norm: Any, first: Any, second: Any, then: Any, hidden: int) -> str:
+    """A chain call named by its steps (registry.amx.run_chain's arguments)."""
+    steps = [projection_of(layer[0], hidden) for layer in (project, first, second) if layer is not None]
+    name = " + ".join(steps).replace("mlp up (fc1) + mlp down (fc2)", "mlp")
+    if norm is not None and project is None:
+        name = "LayerNorm + " + name
+    return name + (" + next qkv" if then is not None else "")
+
+
 def step_anatomy(model: Any, batch: int, new_tokens: int) -> str:
     hidden = model.config.hidden_size
     ids = torch.randint(10, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
     kernel: dict[str, float] = defaultdict(float)
-    after: dict[str, float] = defaultdict(float)  # from a projection's end to the next kernel call
-    call = amx._call
+    after: dict[str, float] = defaultdict(float)  # from a call's end to the next kernel call
+    order: list[str] = []
+    call, chain = amx._call, amx._call_chain
     decoding = False  # from the end of the prompt's lm_head call on
     last_end, last_name = 0.0, ""
 
-    def timed(library: Any, x: torch.Tensor, weight: torch.Tensor, *rest: Any) -> None:
+    def timed(name: str, run: Callable[[], None]) -> None:
         nonlocal decoding, last_end, last_name
         start = time.perf_counter()
         if decoding:
             after[last_name] += start - last_end
-        call(library, x, weight, *rest)
-        last_end, last_name = time.perf_counter(), projection_of(weight, hidden)
+        run()
+        last_end, last_name = time.perf_counter(), name
         if decoding:
-            kernel[last_name] += last_end - start
-        decoding = decoding or last_name == "lm_head"  # the gap after it is the first step's set-up
+            kernel[name] += last_end - start
+            if name not in order:
+                order.append(name)
+        decoding = decoding or name == "lm_head"  # the gap after it is the first step's set-up
+
+    def timed_call(library: Any, x: torch.Tensor, weight: torch.Tensor, *rest: Any) -> None:
+        timed(projection_of(weight, hidden), lambda: call(library, x, weight, *rest))
+
+    def timed_chain(*args: Any) -> None:
+        _, _, project, norm, first, _, second, _, _, then = (*args, None)[:10]
+        timed(chain_name(project, norm, first, second, then, hidden), lambda: chain(*args))
 
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
-        amx._call = timed
+        amx._call, amx._call_chain = timed_call, timed_chain
         try:
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
             total = time.perf_counter() - start
         finally:
-            amx._call = call
+            amx._call, amx._call_chain = call, chain
     steps = new_tokens - 1  # decode steps: the first new token comes from the prompt's call
-    order = ["qkv", "attention out", "mlp up (fc1)", "mlp down (fc2)", "lm_head"]
     lines = [
         f"batch {batch}: {total / new_tokens * 1e3:.1f} ms per new token (prompt included), "
         f"{sum(kernel.values()) / steps * 1e3:.1f} ms a step in the kernel, "
         f"{sum(after.values()) / steps * 1e3:.1f} ms between its calls",
         "",
-        "| projection | kernel (ms/step) | until the next kernel call (ms/step) |",
+        "| kernel call | in the kernel (ms/step) | until the next kernel call (ms/step) |",
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {kernel[name] / steps * 1e3:.2f} | {after[name] / steps * 1e3:.2f} |" for name in order]

@@ -273,16 +273,19 @@ def run_chain(
     ``then`` = (norm, (weight, bias), out) also computes the next block's first projection of the result,
     ``LayerNorm(result) @ weight^T + bias``, into ``out`` (rows, weight's out_features), in the same call.
 
-    Like :func:`run`, without checks: x is (rows, in_features) with contiguous rows; every weight has
-    contiguous rows and in_features a multiple of K_MULTIPLE; biases, residuals and the LayerNorm's
-    parameters are contiguous and of the right length; all bfloat16 on the CPU. The kernel must be ready."""
+    Like :func:`run`, without checks: x is (..., in_features), contiguous (its rows are the product of
+    its leading dimensions); the result, residuals and ``then``'s out have x's leading dimensions and are
+    contiguous; every weight has contiguous rows and in_features a multiple of K_MULTIPLE; biases and the
+    LayerNorm's parameters are contiguous and of the right length; all bfloat16 on the CPU. The kernel
+    must be ready."""
     out_features = (first if second is None else second)[0].shape[0]
-    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     args = (_library, x, project, norm, first, activation, second, residual, y, then)
     if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
         layers = (project, first, second, then[1] if then is not None else None)
         steps = [layer[0].shape for layer in layers if layer is not None]
-        name = f"registry.amx.chain {x.shape[0]} rows {' '.join(f'{k}->{n}' for n, k in steps)}"
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        name = f"registry.amx.chain {rows} rows {' '.join(f'{k}->{n}' for n, k in steps)}"
         with torch.profiler.record_function(name + (" layernorm" if norm is not None else "")):
             _call_chain(*args)  # type: ignore[arg-type]
     else:
@@ -307,8 +310,9 @@ def _call_chain(
     w1, b1 = first
     w2, b2 = second if second is not None else (None, None)
     r1, r2 = (residual, None) if second is None else (None, residual)
+    in_features = x.shape[-1]
     failed = library.registry_chain_bf16(
-        x.data_ptr(), x.shape[0], x.stride(0),
+        x.data_ptr(), x.numel() // in_features if in_features else 0, in_features,
         None if w0 is None else w0.data_ptr(), 0 if w0 is None else w0.shape[0], 0 if w0 is None else w0.shape[1],
         0 if w0 is None else w0.stride(0), None if b0 is None else b0.data_ptr(),
         None if r0 is None else r0.data_ptr(),

@@ -295,15 +295,12 @@ def _amx_chain(
         if then_norm is None or then_operand is None or then_out is None:
             return None
         then_y = torch.empty(*leading, then_operand[0].shape[0], dtype=torch.bfloat16)
-        then_args = (then_norm, then_operand, then_y.view(-1, then_operand[0].shape[0]))
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
+        then_args = (then_norm, then_operand, then_y)
+    x = x.contiguous()  # the kernel reads rows of the leading dimensions, in_features apart
     if project is not None:
-        r0 = project[1].reshape(-1, layers[0][0].shape[0]).contiguous()
         y = amx.run_chain(
-            x2,
-            project=(*layers[0], r0),
+            x,
+            project=(*layers[0], project[1].contiguous()),
             norm=norm_args,
             first=layers[1],
             activation=activation,
@@ -312,17 +309,17 @@ def _amx_chain(
         )
     else:
         y = amx.run_chain(
-            x2,
+            x,
             norm=norm_args,
             first=layers[0],
             activation=activation,
             second=layers[1] if second is not None else None,
-            residual=None if residual is None else residual.reshape(-1, width).contiguous(),
+            residual=None if residual is None else residual.contiguous(),
             then=then_args,
         )
     if then_args is not None and then_out is not None:
         then_out.append(then_y)
-    return y.view(*leading, width)
+    return y
 
 
 def _amx_norm(norm: nn.LayerNorm, width: int) -> amx.Norm | None:

@@ -60,10 +60,11 @@ class DynamicCache(KVCache):
             new_keys = _grown(keys, key, length, end, expected)
             new_values = _grown(values, value, length, end, expected)
             keys, values = self._keys[layer], self._values[layer] = new_keys, new_values
-        keys[:, :, length:end] = key
-        values[:, :, length:end] = value
+        n = end - length
+        keys.narrow(2, length, n).copy_(key)
+        values.narrow(2, length, n).copy_(value)
         self._lengths[layer] = end
-        return keys[:, :, :end], values[:, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def get_seq_length(self, layer: int = 0) -> int:
         return self._lengths[layer]

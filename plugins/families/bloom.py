@@ -163,9 +163,8 @@ class BloomAttention(nn.Module):
         B, T, C = x.shape
         if projected is None:
             projected = linear(x, self.query_key_value, norm=norm)
-        # the fused projection interleaves q, k, v per head: (B, T, H, 3, D)
-        qkv = projected.view(B, T, self.num_heads, 3, self.head_dim)
-        q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D)
+        # the fused projection interleaves q, k, v per head: (B, T, H, 3, D) -> 3 x (B, H, T, D) views
+        q, k, v = projected.view(B, T, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         if rotate is not None:
             q, k = rotate(q, k, positions)
         if cache is not None:
