@@ -46,6 +46,10 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
         pointer, integer, integer, integer,  # W, N, K, ldw
         pointer, pointer, integer, ctypes.c_int,  # bias, Y, ldy, threads
     ]  # fmt: skip
+    library.registry_argmax_rows.restype = None
+    library.registry_argmax_rows.argtypes = [
+        pointer, ctypes.c_int, integer, integer, integer, pointer, ctypes.c_int,  # X, bf16, M, N, ldx, out, threads
+    ]  # fmt: skip
     return library
 
 
@@ -90,6 +94,23 @@ def _self_check(library: ctypes.CDLL) -> str | None:
         error = ((got.double() - expected).abs() / scale).max().item()
         if not error < 1e-5:
             return f"{rows}x{in_features} @ {out_features}: error {error:.3g} of the sum of magnitudes"
+    return _check_argmax(library, generator)
+
+
+def _check_argmax(library: ctypes.CDLL, generator: torch.Generator) -> str | None:
+    """Row maxima against ``torch.argmax``: ties, a NaN, a tail short of a vector, both dtypes, one row
+    split across threads and several rows."""
+    scores = torch.randn(3, 9000, generator=generator)
+    scores[0, 8999] = scores[0].max() + 1  # in the tail
+    scores[1, [100, 5000, 7000]] = scores[1].max() + 1  # a tie: the first wins
+    scores[2, [4700, 300]] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (scores[:1], scores):
+            x = rows.to(dtype)
+            got = torch.empty(x.shape[0], dtype=torch.int64)
+            _call_argmax(library, x, got, threads=2)
+            if not torch.equal(got, x.argmax(dim=-1)):
+                return f"argmax of {x.shape[0]} {dtype} rows: {got.tolist()} for {x.argmax(dim=-1).tolist()}"
     return None
 
 
@@ -165,3 +186,41 @@ def _call(library: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None, 
         weight.data_ptr(), weight.shape[0], x.shape[1], weight.stride(0),
         None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), torch.get_num_threads(),
     )  # fmt: skip
+
+
+def argmax(scores: Tensor) -> Tensor:
+    """``scores.argmax(dim=-1)`` for 2-d float32 or bfloat16 CPU scores with contiguous rows, (rows,) int64:
+    the first maximal value of each row, or its first NaN. For greedy decoding: 250880 bfloat16 logits a
+    row in tens of microseconds where PyTorch's reduction takes 0.2 ms (0.8 ms for eight rows).
+
+    Raises:
+        RuntimeError: the kernel is not ready here (the message says why).
+        ValueError: scores the kernel does not take (the message names what it needs).
+    """
+    if _library is None and not status().ready:
+        raise RuntimeError(f"the AVX-512 kernels are not ready: {status().reason}")
+    if not supports_argmax(scores):
+        raise ValueError(
+            f"argmax takes 2-d float32 or bfloat16 CPU scores with contiguous rows and at least one column; got "
+            f"{tuple(scores.shape)} {scores.dtype} on {scores.device}, strides {scores.stride()}"
+        )
+    out = torch.empty(scores.shape[0], dtype=torch.int64)
+    _call_argmax(_library, scores, out, torch.get_num_threads())  # type: ignore[arg-type]
+    return out
+
+
+def supports_argmax(scores: Tensor) -> bool:
+    """Whether :func:`argmax` takes these scores (the kernel must also be :func:`ready`)."""
+    return (
+        scores.dim() == 2
+        and scores.dtype in (torch.float32, torch.bfloat16)
+        and scores.device.type == "cpu"
+        and scores.shape[1] > 0
+        and scores.stride(1) == 1
+    )
+
+
+def _call_argmax(library: ctypes.CDLL, scores: Tensor, out: Tensor, threads: int) -> None:
+    rows, columns = scores.shape
+    bf16 = scores.dtype == torch.bfloat16
+    library.registry_argmax_rows(scores.data_ptr(), int(bf16), rows, columns, scores.stride(0), out.data_ptr(), threads)

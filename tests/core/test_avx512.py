@@ -245,3 +245,64 @@ def test_a_group_partly_on_the_kernel_takes_the_named_activation(monkeypatch):
     product = torch.cat([F.linear(x, layer.weight, layer.bias) for layer in group], dim=-1)
     torch.testing.assert_close(got, _bloom_gelu(product), atol=1e-5, rtol=1e-5)
     assert calls == [4] and reference_rows == []  # the first layer ran on the kernel: not the reference's bits
+
+
+# -- argmax of each row (greedy decoding) ------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("rows", "columns"),
+    [(1, 7), (1, 250880), (2, 9001), (3, 16), (8, 250880), (17, 4100), (70, 33)],  # one part, parts per row,
+)  # tails short of a vector, more rows than threads, more rows than one round of parts
+def test_argmax_is_torch_s_on_random_rows(rows, columns, dtype):
+    g = torch.Generator().manual_seed(rows * columns)
+    scores = (torch.randn(rows, columns, generator=g) * 4).to(dtype)  # bfloat16 ties often
+    assert torch.equal(avx512.argmax(scores), scores.argmax(dim=-1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_argmax_takes_the_first_maximum_or_the_first_nan_across_lanes_and_parts(dtype, threads):
+    columns = 20000  # split into parts by threads for the single-row calls
+    scores = torch.randn(6, columns, generator=torch.Generator().manual_seed(0))
+    scores[0, [17, 1, 19999]] = 100.0  # a tie in three lanes and two parts: the first
+    scores[1, [12001, 12000]] = 100.0  # a tie in one vector
+    scores[2, [15000, 9000]] = float("nan")  # NaN answers first, whatever the values
+    scores[2, 5] = float("inf")
+    scores[3] = float("-inf")  # nothing above -inf: the first index
+    scores[4] = 0.0
+    scores[4, 3] = -0.0  # zeros of both signs tie
+    scores[5, 19999] = float("inf")
+    x = scores.to(dtype)
+    expected = x.argmax(dim=-1)
+    assert expected.tolist() == [1, 12000, 9000, 0, 0, 19999]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(avx512.argmax(x), expected)
+        for row in range(6):  # one row alone: split into parts
+            assert avx512.argmax(x[row : row + 1]).item() == expected[row].item(), row
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_argmax_reads_strided_rows():
+    wide = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
+    scores = wide[:, 50:250]  # rows 300 apart
+    assert torch.equal(avx512.argmax(scores), scores.argmax(dim=-1))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "scores",
+    [torch.randn(3), torch.randn(2, 3, 4), torch.randn(3, 5).double(), torch.randn(5, 3).t(), torch.empty(2, 0)],
+    ids=["1-d", "3-d", "float64", "columns strided", "no columns"],
+)
+def test_argmax_refuses_what_it_does_not_take(scores):
+    assert not avx512.supports_argmax(scores)
+    with pytest.raises(ValueError, match="2-d float32 or bfloat16"):
+        avx512.argmax(scores)
