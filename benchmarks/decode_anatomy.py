@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 import registry
-from registry import amx
+from registry import amx, chains
 
 PRESET = "bloom-560m"
 
@@ -82,7 +82,7 @@ def projection_of(weight: torch.Tensor, hidden: int) -> str:
 
 
 def chain_name(project: Any, norm: Any, first: Any, second: Any, then: Any, hidden: int) -> str:
-    """A chain call named by its steps (registry.amx.run_chain's arguments)."""
+    """A chain call named by its steps (registry.chains.run_chain's arguments)."""
     steps = [projection_of(layer[0], hidden) for layer in (project, first, second) if layer is not None]
     name = " + ".join(steps).replace("mlp up (fc1) + mlp down (fc2)", "mlp")
     if norm is not None and project is None:
@@ -96,7 +96,7 @@ def step_anatomy(model: Any, batch: int, new_tokens: int) -> str:
     kernel: dict[str, float] = defaultdict(float)
     after: dict[str, float] = defaultdict(float)  # from a call's end to the next kernel call
     order: list[str] = []
-    call, chain = amx._call, amx._call_chain
+    call, chain = amx._call, chains.call
     decoding = False  # from the end of the prompt's lm_head call on
     last_end, last_name = 0.0, ""
 
@@ -116,19 +116,19 @@ def step_anatomy(model: Any, batch: int, new_tokens: int) -> str:
     def timed_call(library: Any, x: torch.Tensor, weight: torch.Tensor, *rest: Any) -> None:
         timed(projection_of(weight, hidden), lambda: call(library, x, weight, *rest))
 
-    def timed_chain(*args: Any) -> None:
-        _, _, project, norm, first, _, second, _, _, then = (*args, None)[:10]
+    def timed_chain(*args: Any) -> None:  # (function, kernel, x, project, norm, first, activation, ...)
+        _, _, _, project, norm, first, _, second, _, _, then = (*args, None)[:11]
         timed(chain_name(project, norm, first, second, then, hidden), lambda: chain(*args))
 
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
-        amx._call, amx._call_chain = timed_call, timed_chain
+        amx._call, chains.call = timed_call, timed_chain
         try:
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
             total = time.perf_counter() - start
         finally:
-            amx._call, amx._call_chain = call, chain
+            amx._call, chains.call = call, chain
     steps = new_tokens - 1  # decode steps: the first new token comes from the prompt's call
     lines = [
         f"batch {batch}: {total / new_tokens * 1e3:.1f} ms per new token (prompt included), "

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from registry import native
+from registry import chains, native
 
 log = logging.getLogger(__name__)
 
-# the kernel's activation codes (enum in amx_linear.c)
-ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "tanh": 5}
+# the kernel's activation codes (enum in vector_math.h)
+ACTIVATIONS = chains.ACTIVATION_CODES
 K_MULTIPLE = 32  # in_features must be a multiple of this (one tile of k); out_features may be anything
 
 
@@ -49,16 +49,7 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
         pointer, integer, ctypes.c_int, ctypes.c_int,  # Y, ldy, activation, threads
     ]  # fmt: skip
     library.registry_chain_bf16.restype = ctypes.c_int
-    library.registry_chain_bf16.argtypes = [
-        pointer, integer, integer,  # X, M, ldx
-        pointer, integer, integer, integer, pointer, pointer,  # W0, N0, K0, ldw0, b0, R0
-        pointer, pointer, ctypes.c_float,  # gamma, beta, eps
-        pointer, integer, integer, integer, pointer, ctypes.c_int, pointer,  # W1, N1, K1, ldw1, b1, act1, R1
-        pointer, integer, integer, pointer, pointer,  # W2, N2, ldw2, b2, R2
-        pointer,  # Y
-        pointer, pointer, ctypes.c_float, pointer, integer, integer, pointer, pointer,  # gamma3 .. b3, Y3
-        ctypes.c_int,  # threads
-    ]  # fmt: skip
+    library.registry_chain_bf16.argtypes = chains.ARGTYPES
     return library
 
 
@@ -122,7 +113,8 @@ def _check_chain(library: ctypes.CDLL, generator: torch.Generator) -> str | None
         h = F.layer_norm(s, (64,), gamma.double(), beta.double(), 1e-5)
         expected = F.linear(F.gelu(F.linear(h, w1.double(), b1.double())), w2.double(), b2.double()) + s
         got = torch.empty(rows, 64, dtype=torch.bfloat16)
-        _call_chain(library, x, (w0, b0, r0), (gamma, beta, 1e-5), (w1, b1), "gelu", (w2, b2), None, got)
+        operands = (x, (w0, b0, r0), (gamma, beta, 1e-5), (w1, b1), "gelu", (w2, b2), None, got)
+        chains.call(library.registry_chain_bf16, "the AMX kernel", *operands)
         error = ((got.double() - expected).abs() / (expected.abs() + 1e-1)).max().item()
         if not error < 2**-4:  # five roundings to bfloat16 on the way
             return f"a chain of {rows} rows: relative error {error:.3g}"
@@ -242,91 +234,3 @@ def _call(
     )  # fmt: skip
     if failed:
         raise MemoryError(f"the AMX kernel could not allocate {in_features * 256} bytes of scratch memory")
-
-
-Layer = tuple[Tensor, "Tensor | None"]  # (weight, bias)
-Norm = tuple[Tensor, Tensor, float]  # a LayerNorm's (weight, bias, eps)
-
-
-def run_chain(
-    x: Tensor,
-    *,
-    project: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
-    norm: Norm | None = None,
-    first: Layer,
-    activation: str | None = None,
-    second: Layer | None = None,
-    residual: Tensor | None = None,
-    then: tuple[Norm, Layer, Tensor] | None = None,
-) -> Tensor:
-    """The steps of a transformer block between two attentions' cores, in one kernel call: nothing runs
-    between them, so the interpreter is not returned to (a weight stream evicts its code and data, and
-    each return costs tens of microseconds on the operations that follow).
-
-    With ``s = project[0] x + project[1] + project[2]`` (the attention's output projection, its bias and
-    the block's residual; without ``project``, ``s = x``) it computes
-    ``second(activation(first(LayerNorm(s))))`` plus a residual: ``residual``, or ``s`` when ``project``
-    is given (a pre-LayerNorm block's second residual; ``residual`` is ignored then). ``norm`` and
-    ``second`` are optional; without ``second`` the residual is added to ``first``'s output. Only the
-    result is a new tensor: the steps before it write the calling thread's scratch memory in the kernel.
-
-    ``then`` = (norm, (weight, bias), out) also computes the next block's first projection of the result,
-    ``LayerNorm(result) @ weight^T + bias``, into ``out`` (rows, weight's out_features), in the same call.
-
-    Like :func:`run`, without checks: x is (..., in_features), contiguous (its rows are the product of
-    its leading dimensions); the result, residuals and ``then``'s out have x's leading dimensions and are
-    contiguous; every weight has contiguous rows and in_features a multiple of K_MULTIPLE; biases and the
-    LayerNorm's parameters are contiguous and of the right length; all bfloat16 on the CPU. The kernel
-    must be ready."""
-    out_features = (first if second is None else second)[0].shape[0]
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
-    args = (_library, x, project, norm, first, activation, second, residual, y, then)
-    if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
-        layers = (project, first, second, then[1] if then is not None else None)
-        steps = [layer[0].shape for layer in layers if layer is not None]
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        name = f"registry.amx.chain {rows} rows {' '.join(f'{k}->{n}' for n, k in steps)}"
-        with torch.profiler.record_function(name + (" layernorm" if norm is not None else "")):
-            _call_chain(*args)  # type: ignore[arg-type]
-    else:
-        _call_chain(*args)  # type: ignore[arg-type]
-    return y
-
-
-def _call_chain(
-    library: ctypes.CDLL,
-    x: Tensor,
-    project: tuple[Tensor, Tensor | None, Tensor | None] | None,
-    norm: Norm | None,
-    first: Layer,
-    activation: str | None,
-    second: Layer | None,
-    residual: Tensor | None,
-    y: Tensor,
-    then: tuple[Norm, Layer, Tensor] | None = None,
-) -> None:
-    w0, b0, r0 = project if project is not None else (None, None, None)
-    (gamma3, beta3, eps3), (w3, b3), y3 = then if then is not None else ((None, None, 0.0), (None, None), None)
-    w1, b1 = first
-    w2, b2 = second if second is not None else (None, None)
-    r1, r2 = (residual, None) if second is None else (None, residual)
-    in_features = x.shape[-1]
-    failed = library.registry_chain_bf16(
-        x.data_ptr(), x.numel() // in_features if in_features else 0, in_features,
-        None if w0 is None else w0.data_ptr(), 0 if w0 is None else w0.shape[0], 0 if w0 is None else w0.shape[1],
-        0 if w0 is None else w0.stride(0), None if b0 is None else b0.data_ptr(),
-        None if r0 is None else r0.data_ptr(),
-        None if norm is None else norm[0].data_ptr(), None if norm is None else norm[1].data_ptr(),
-        0.0 if norm is None else norm[2],
-        w1.data_ptr(), w1.shape[0], w1.shape[1], w1.stride(0),
-        None if b1 is None else b1.data_ptr(), ACTIVATIONS[activation], None if r1 is None else r1.data_ptr(),
-        None if w2 is None else w2.data_ptr(), 0 if w2 is None else w2.shape[0], 0 if w2 is None else w2.stride(0),
-        None if b2 is None else b2.data_ptr(), None if r2 is None else r2.data_ptr(),
-        y.data_ptr(),
-        None if gamma3 is None else gamma3.data_ptr(), None if beta3 is None else beta3.data_ptr(), eps3,
-        None if w3 is None else w3.data_ptr(), 0 if w3 is None else w3.shape[0], 0 if w3 is None else w3.stride(0),
-        None if b3 is None else b3.data_ptr(), None if y3 is None else y3.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if failed:
-        raise MemoryError("the AMX kernel could not allocate its scratch memory")

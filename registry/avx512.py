@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from registry import native
+from registry import chains, native
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
         pointer, integer, integer, integer,  # W, N, K, ldw
         pointer, pointer, integer, ctypes.c_int,  # bias, Y, ldy, threads
     ]  # fmt: skip
+    library.registry_chain_f32.restype = ctypes.c_int
+    library.registry_chain_f32.argtypes = chains.ARGTYPES
     library.registry_argmax_rows.restype = None
     library.registry_argmax_rows.argtypes = [
         pointer, ctypes.c_int, integer, integer, integer, pointer, ctypes.c_int,  # X, bf16, M, N, ldx, out, threads
@@ -94,7 +96,32 @@ def _self_check(library: ctypes.CDLL) -> str | None:
         error = ((got.double() - expected).abs() / scale).max().item()
         if not error < 1e-5:
             return f"{rows}x{in_features} @ {out_features}: error {error:.3g} of the sum of magnitudes"
-    return _check_argmax(library, generator)
+    return _check_chain(library, generator) or _check_argmax(library, generator)
+
+
+def _check_chain(library: ctypes.CDLL, generator: torch.Generator) -> str | None:
+    """A whole chain (projection and residual, LayerNorm, two layers with a tanh-GELU between, the
+    second residual, the next LayerNorm and projection) against the same steps in float64."""
+    x, r0 = (torch.randn(3, 32, generator=generator) for _ in range(2))
+    w0, w1, w2, w3 = (
+        torch.randn(n, k, generator=generator) / k**0.5 for n, k in ((32, 32), (48, 32), (32, 48), (40, 32))
+    )
+    b0, gamma, beta, b2, gamma3, beta3 = (torch.randn(32, generator=generator) for _ in range(6))
+    b1, b3 = torch.randn(48, generator=generator), torch.randn(40, generator=generator)
+    d = {name: t.double() for name, t in locals().items() if isinstance(t, Tensor)}
+    s = F.linear(d["x"], d["w0"], d["b0"]) + d["r0"]
+    h = F.gelu(F.linear(F.layer_norm(s, (32,), d["gamma"], d["beta"], 1e-5), d["w1"], d["b1"]), approximate="tanh")
+    y = F.linear(h, d["w2"], d["b2"]) + s
+    y3 = F.linear(F.layer_norm(y, (32,), d["gamma3"], d["beta3"], 1e-5), d["w3"], d["b3"])
+    got, got3 = torch.empty(3, 32), torch.empty(3, 40)
+    then = ((gamma3, beta3, 1e-5), (w3, b3), got3)
+    operands = (x, (w0, b0, r0), (gamma, beta, 1e-5), (w1, b1), "gelu_tanh", (w2, b2), None, got, then)
+    chains.call(library.registry_chain_f32, "the AVX-512 float32 kernel", *operands)
+    for name, value, truth in (("output", got, y), ("next projection", got3, y3)):
+        error = ((value.double() - truth).abs() / (truth.abs() + 1)).max().item()
+        if not error < 1e-5:
+            return f"a chain's {name}: error {error:.3g}"
+    return None
 
 
 def _check_argmax(library: ctypes.CDLL, generator: torch.Generator) -> str | None:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from registry import amx, avx512
+from registry import amx, avx512, chains
 
 log = logging.getLogger(__name__)
 
@@ -226,21 +226,37 @@ def _amx_linear(
     return y.view(*leading, out_features)
 
 
-def _amx_operand(layer: nn.Linear, in_features: int) -> tuple[Tensor, Tensor | None] | None:
-    """The layer's (weight, bias) if the AMX kernel reads them as they lie, for inputs of ``in_features``."""
+def _amx_operand(layer: nn.Linear, in_features: int, dtype: torch.dtype = torch.bfloat16) -> chains.Layer | None:
+    """The layer's (weight, bias) if a kernel reads them as they lie: ``dtype`` on the CPU, weight rows
+    of ``in_features`` contiguous values, a contiguous bias."""
     weight, bias = layer.weight, layer.bias
     if (
-        weight.dtype is not torch.bfloat16
+        weight.dtype is not dtype
         or not weight.is_cpu
         or weight.shape[1] != in_features
         or weight.stride(1) != 1
-        or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.stride(0) != 1 or not bias.is_cpu))
+        or (bias is not None and (bias.dtype is not dtype or bias.stride(0) != 1 or not bias.is_cpu))
     ):
         return None
     return weight, bias
 
 
-def _amx_chain(
+def _chain_kernel(x: Tensor) -> int | None:
+    """Whether a kernel takes a chain (:func:`registry.chains.run_chain`) on input x: the multiple its
+    layers' in_features must be, or None where none does. bfloat16 below AMX_MAX_ROWS rows runs on the
+    AMX kernel, float32 rows of a decode step (avx512.MIN_ROWS to MAX_ROWS) on the AVX-512 kernel;
+    autograd off."""
+    if not _enabled or not x.is_cpu or torch.is_grad_enabled() or not x.shape[-1]:
+        return None
+    rows = x.numel() // x.shape[-1]
+    if x.dtype is torch.bfloat16 and rows < AMX_MAX_ROWS and "amx-bf16" in _kernels():
+        return amx.K_MULTIPLE
+    if x.dtype is torch.float32 and avx512.MIN_ROWS <= rows <= avx512.MAX_ROWS and "avx512-fp32" in _kernels():
+        return 1
+    return None
+
+
+def _kernel_chain(
     x: Tensor,
     *,
     project: tuple[nn.Linear, Tensor] | None = None,
@@ -252,53 +268,44 @@ def _amx_chain(
     then: tuple[nn.LayerNorm, nn.Linear] | None = None,
     then_out: list[Tensor] | None = None,
 ) -> Tensor | None:
-    """:func:`registry.amx.run_chain` on modules (``project``: the attention's output projection and the
-    block's residual; ``then``: the next block's LayerNorm and first projection, whose result is appended
-    to ``then_out``); None where it does not apply: where :func:`_amx_linear` would refuse a layer alone,
-    or a LayerNorm is not one the kernel computes (an affine bfloat16 LayerNorm over its input's last
-    dimension) or has forward hooks (it runs as a module then, and they run)."""
-    in_features = x.shape[-1]
-    if (
-        x.dtype is not torch.bfloat16
-        or not _enabled
-        or not x.is_cpu
-        or x.numel() >= AMX_MAX_ROWS * in_features
-        or torch.is_grad_enabled()
-        or "amx-bf16" not in _kernels()
-    ):
+    """A chain (:func:`registry.chains.run_chain`) on modules
+    (``project``: the attention's output projection and the block's residual; ``then``: the next
+    block's LayerNorm and first projection, whose result is appended to ``then_out``); None where no
+    kernel takes it (:func:`_chain_kernel`), or a layer or LayerNorm is not one it reads as it lies, or
+    a LayerNorm has forward hooks (it runs as a module then, and they run)."""
+    multiple = _chain_kernel(x)
+    if multiple is None:
         return None
-    leading = x.shape[:-1]
-    layers: list[tuple[Tensor, Tensor | None]] = []
+    dtype, in_features, leading = x.dtype, x.shape[-1], x.shape[:-1]
+    layers: list[chains.Layer] = []
     width = in_features
     for layer in (project[0] if project is not None else None, first, second):
         if layer is None:
             continue
-        operand = None if width % amx.K_MULTIPLE else _amx_operand(layer, width)
+        operand = None if width % multiple else _amx_operand(layer, width, dtype)
         if operand is None:
             return None
         layers.append(operand)
         width = operand[0].shape[0]
     extra, size = (residual, width) if project is None else (project[1], layers[0][0].shape[0])
-    if extra is not None and (extra.shape != (*leading, size) or extra.dtype is not torch.bfloat16 or not extra.is_cpu):
+    if extra is not None and (extra.shape != (*leading, size) or extra.dtype is not dtype or not extra.is_cpu):
         return None
     norm_args = None
     if norm is not None:
-        norm_args = _amx_norm(norm, layers[0][0].shape[0] if project is not None else in_features)
+        norm_args = _kernel_norm(norm, layers[0][0].shape[0] if project is not None else in_features, dtype)
         if norm_args is None:
             return None
     then_args = None
     if then is not None:
-        then_norm, then_operand = (
-            _amx_norm(then[0], width),
-            None if width % amx.K_MULTIPLE else _amx_operand(then[1], width),
-        )
+        then_norm = _kernel_norm(then[0], width, dtype)
+        then_operand = None if width % multiple else _amx_operand(then[1], width, dtype)
         if then_norm is None or then_operand is None or then_out is None:
             return None
-        then_y = torch.empty(*leading, then_operand[0].shape[0], dtype=torch.bfloat16)
+        then_y = torch.empty(*leading, then_operand[0].shape[0], dtype=dtype)
         then_args = (then_norm, then_operand, then_y)
     x = x.contiguous()  # the kernel reads rows of the leading dimensions, in_features apart
     if project is not None:
-        y = amx.run_chain(
+        y = chains.run_chain(
             x,
             project=(*layers[0], project[1].contiguous()),
             norm=norm_args,
@@ -308,7 +315,7 @@ def _amx_chain(
             then=then_args,
         )
     else:
-        y = amx.run_chain(
+        y = chains.run_chain(
             x,
             norm=norm_args,
             first=layers[0],
@@ -322,17 +329,17 @@ def _amx_chain(
     return y
 
 
-def _amx_norm(norm: nn.LayerNorm, width: int) -> amx.Norm | None:
-    """The LayerNorm's (weight, bias, eps) if the AMX chain computes it over rows of ``width``: affine,
-    bfloat16, contiguous, on the CPU, without forward hooks (those run it as a module)."""
+def _kernel_norm(norm: nn.LayerNorm, width: int, dtype: torch.dtype) -> chains.Norm | None:
+    """The LayerNorm's (weight, bias, eps) if a chain computes it over rows of ``width``: affine, ``dtype``,
+    contiguous, on the CPU, ``width`` a multiple of 16, without forward hooks (those run it as a module)."""
     gamma, beta = norm.weight, norm.bias
     if (
         tuple(norm.normalized_shape) != (width,)
         or width % 16
         or gamma is None
         or beta is None
-        or gamma.dtype is not torch.bfloat16
-        or beta.dtype is not torch.bfloat16
+        or gamma.dtype is not dtype
+        or beta.dtype is not dtype
         or not gamma.is_cpu
         or not beta.is_cpu
         or not gamma.is_contiguous()
@@ -605,7 +612,7 @@ def linear(
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
     if norm is not None:
         if len(group) == 1:
-            y = _amx_chain(x, norm=norm, first=group[0], activation=activation, residual=residual)
+            y = _kernel_chain(x, norm=norm, first=group[0], activation=activation, residual=residual)
             if y is not None:
                 return y
         x = norm(x)
@@ -682,7 +689,7 @@ def mlp(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)}")
-    y = _amx_chain(x, norm=norm, first=up, activation=activation, second=down, residual=residual)
+    y = _kernel_chain(x, norm=norm, first=up, activation=activation, second=down, residual=residual)
     if y is not None:
         return y
     h = linear(x, up, activation=activation, reference_activation=reference_activation, norm=norm)
@@ -723,7 +730,7 @@ def attention_output_and_mlp(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)}")
     projected: list[Tensor] = []
-    y = _amx_chain(
+    y = _kernel_chain(
         attention,
         project=(dense, residual),
         norm=norm,

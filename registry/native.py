@@ -25,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.c")))
+HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))  # part of the build's identity
 FLAGS = (
     "-O3", "-fPIC", "-shared", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
     "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
@@ -70,7 +71,7 @@ def _private_folder(folder: Path) -> None:
 def _build(cc: str) -> Path:
     """Compile the kernels unless these sources, these flags and this compiler were built before."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
     digest.update(" ".join(FLAGS).encode() + _compiler_version(cc).encode())
     key = digest.hexdigest()[:16]

@@ -12,18 +12,18 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #include <stdint.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "scratch.h"
+#include "vector_math.h"
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #define ROW_CHUNK 128 /* rows of X whose packed tiles stay in L2 while a thread's weight rows stream by */
 #define K_CHUNK 256   /* k per pass over the row blocks: the 32 weight rows' share (16 KiB) stays in L1 */
-
-enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4, ACT_TANH = 5 };
 
 /* 1 if this CPU has AMX-BF16 and AVX512-BF16 and the kernel may use the tile registers (Linux asks each
    process to request them), else 0 */
@@ -61,83 +61,6 @@ static inline __m512 load_bf16(const uint16_t* p) {
 
 static inline __m512 load_bf16_masked(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-
-/* exp(x) by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (relative error ~1e-7) */
-static inline __m512 exp_ps(__m512 x) {
-    /* clamped to a finite range; NaN stays NaN (max/min return their second operand when one is NaN) */
-    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* 1 / d for finite d >= 1: the 14-bit estimate and one Newton step (relative error ~1e-8), far cheaper
-   than a division */
-static inline __m512 reciprocal_ps(__m512 d) {
-    const __m512 r = _mm512_rcp14_ps(d);
-    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-}
-
-static inline __m512 sigmoid_ps(__m512 x) { /* exp_ps is finite, so 1 + exp(-x) is in [1, 2e38] */
-    return reciprocal_ps(_mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
-/* erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7) */
-static inline __m512 erf_ps(__m512 x) {
-    const __m512 z = _mm512_min_ps(_mm512_set1_ps(10.0f), _mm512_abs_ps(x)), one = _mm512_set1_ps(1.0f);
-    const __m512 t = reciprocal_ps(_mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), one));
-    __m512 p = _mm512_set1_ps(1.061405429f);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
-    const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), e, one);
-    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
-    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
-}
-
-static inline __m512 activate(__m512 v, int act) {
-    switch (act) {
-    case ACT_GELU: /* x/2 (1 + erf(x / sqrt 2)) */
-        return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
-                             _mm512_add_ps(_mm512_set1_ps(1.0f),
-                                           erf_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)))));
-    case ACT_GELU_TANH: { /* x/2 (1 + tanh u) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3) */
-        const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.79788456080286536f),
-                                       _mm512_fmadd_ps(v3, _mm512_set1_ps(0.044715f), v));
-        return _mm512_mul_ps(v, sigmoid_ps(_mm512_add_ps(u, u)));
-    }
-    case ACT_RELU:
-        return _mm512_max_ps(_mm512_setzero_ps(), v); /* NaN stays NaN */
-    case ACT_SILU:
-        return _mm512_mul_ps(v, sigmoid_ps(v));
-    case ACT_TANH: {
-        /* 2 sigmoid(2x) - 1, which cancels for small |x|: there the series x - x^3/3 + 2x^5/15 - 17x^7/315
-           (next term below 1e-12 relative for |x| < 1/16) */
-        const __m512 large = _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid_ps(_mm512_add_ps(v, v)), _mm512_set1_ps(1.0f));
-        const __m512 v2 = _mm512_mul_ps(v, v);
-        __m512 series = _mm512_set1_ps(-17.0f / 315.0f);
-        series = _mm512_fmadd_ps(series, v2, _mm512_set1_ps(2.0f / 15.0f));
-        series = _mm512_fmadd_ps(series, v2, _mm512_set1_ps(-1.0f / 3.0f));
-        series = _mm512_fmadd_ps(_mm512_mul_ps(series, v2), v, v);
-        const __mmask16 small = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(0.0625f), _CMP_LT_OQ);
-        return _mm512_mask_blend_ps(small, large, series);
-    }
-    default:
-        return v;
-    }
 }
 
 typedef struct {
@@ -312,65 +235,14 @@ static void rows_by_blocks(const uint16_t* w0, const uint16_t* w1, int64_t sw, c
     }
 }
 
-/* the packed rows of X: one buffer per calling thread, grown to the largest K/2 x ROW_CHUNK seen, and freed
-   when the thread ends (a thread-specific key with a destructor: servers start threads per request) */
-typedef struct {
-    uint32_t* data;
-    int64_t capacity;
-    uint16_t* between; /* a chain's intermediate results (registry_chain_bf16) */
-    int64_t between_capacity;
-} scratch_buffer;
-
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-static int scratch_key_ok = 0;
-
-static void free_scratch(void* p) {
-    scratch_buffer* s = p;
-    free(s->data);
-    free(s->between);
-    free(s);
-}
-
-static void make_scratch_key(void) { scratch_key_ok = pthread_key_create(&scratch_key, free_scratch) == 0; }
-
-static scratch_buffer* scratch(void) {
-    pthread_once(&scratch_once, make_scratch_key);
-    if (!scratch_key_ok) return NULL;
-    scratch_buffer* s = pthread_getspecific(scratch_key);
-    if (s == NULL) {
-        s = calloc(1, sizeof *s);
-        if (s == NULL || pthread_setspecific(scratch_key, s) != 0) {
-            free(s);
-            return NULL;
-        }
-    }
-    return s;
-}
-
+/* the packed rows of X (K/2 x ROW_CHUNK pairs), in the calling thread's scratch */
 static uint32_t* packed_rows(int64_t K) {
-    scratch_buffer* s = scratch();
-    if (s == NULL) return NULL;
-    const int64_t needed = (K > 0 ? K : 2) / 2 * ROW_CHUNK;
-    if (needed > s->capacity) {
-        free(s->data);
-        s->data = aligned_alloc(64, (size_t)needed * sizeof(uint32_t));
-        s->capacity = s->data ? needed : 0;
-    }
-    return s->data;
+    return registry_scratch(SCRATCH_PACKED_ROWS, (size_t)((K > 0 ? K : 2) / 2 * ROW_CHUNK) * sizeof(uint32_t));
 }
 
 /* `count` bfloat16 values for a chain's intermediate results, in the calling thread's scratch */
 static uint16_t* between_buffer(int64_t count) {
-    scratch_buffer* s = scratch();
-    if (s == NULL) return NULL;
-    const int64_t needed = (count + 31) / 32 * 32;
-    if (needed > s->between_capacity) {
-        free(s->between);
-        s->between = aligned_alloc(64, (size_t)(needed > 32 ? needed : 32) * sizeof(uint16_t));
-        s->between_capacity = s->between ? needed : 0;
-    }
-    return s->between;
+    return registry_scratch(SCRATCH_CHAIN_BF16, (size_t)count * sizeof(uint16_t));
 }
 
 /* Y = act(X W^T + bias) + R, called by every thread of a parallel region (the work is shared by omp for
@@ -462,32 +334,18 @@ static void product(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W
     if (N16 < N) tail_outputs(X, M, ldx, W, N16, N, K, ldw, &e);
 }
 
-/* rows of X (K values, K % 16 == 0) -> LayerNorm(X) rows of Y: mean and variance in float32 (two passes),
-   then (x * rstd - mean * rstd) * gamma + beta rounded once to bfloat16, as PyTorch computes it for
+static inline __m512 load_bf16_at(const void* row, int64_t k) { return load_bf16((const uint16_t*)row + k); }
+
+static inline void store_bf16_at(void* row, int64_t k, __m512 v) {
+    _mm256_storeu_si256((__m256i*)((uint16_t*)row + k), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* rows of X (K values, K % 16 == 0) -> LayerNorm(X) rows of Y (see layer_norm_moments), rounded once to
    bfloat16. Called by every thread of a parallel region; ends in a barrier. */
 static void layer_norm_rows(const uint16_t* X, int64_t M, int64_t ldx, int64_t K, const uint16_t* gamma,
                             const uint16_t* beta, float eps, uint16_t* Y, int64_t ldy) {
     #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) {
-        const uint16_t* x = X + m * ldx;
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) sum = _mm512_add_ps(sum, load_bf16(x + k));
-        const float mean = _mm512_reduce_add_ps(sum) / (float)K;
-        const __m512 mean_v = _mm512_set1_ps(mean);
-        __m512 squares = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
-            const __m512 d = _mm512_sub_ps(load_bf16(x + k), mean_v);
-            squares = _mm512_fmadd_ps(d, d, squares);
-        }
-        const float variance = _mm512_reduce_add_ps(squares) / (float)K;
-        const float rstd = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss((variance > 0.0f ? variance : 0.0f) + eps)));
-        const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-mean * rstd);
-        for (int64_t k = 0; k < K; k += 16) {
-            const __m512 normed = _mm512_add_ps(_mm512_mul_ps(load_bf16(x + k), scale), shift);
-            const __m512 v = _mm512_add_ps(_mm512_mul_ps(normed, load_bf16(gamma + k)), load_bf16(beta + k));
-            _mm256_storeu_si256((__m256i*)(Y + m * ldy + k), (__m256i)_mm512_cvtneps_pbh(v));
-        }
-    }
+    for (int64_t m = 0; m < M; m++) layer_norm_row(X + m * ldx, K, gamma, beta, eps, load_bf16_at, store_bf16_at, Y + m * ldy);
 }
 
 /* Y = act(X W^T + bias) + R on `threads` OpenMP threads (the caller passes torch's count: OpenMP's own

@@ -13,7 +13,11 @@
    (about 1e-7 relative), not bit for bit. */
 #include <cpuid.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
+
+#include "scratch.h"
+#include "vector_math.h"
 
 /* how far ahead (floats) each weight row's stream is prefetched: 12 KiB for rows of up to 2048 values,
    48 KiB for longer ones. Measured over a bloom-560m layer sequence at 8 rows (GB/s, 1024 / 4096
@@ -93,19 +97,109 @@ static inline __attribute__((always_inline)) void rows_of_w(const float* X, int6
     }
 }
 
+typedef struct {
+    const float* bias;
+    int act;          /* ACT_* of vector_math.h */
+    const float* R;   /* residual, added last, or NULL */
+    int64_t ldr;
+} epilogue_f32;
+
+/* rows m of Y, columns [n0, n1): act(y) + R, in place (the bias is added with the sums) */
+static void finish_columns(float* Y, int64_t ldy, int64_t M, int64_t n0, int64_t n1, const epilogue_f32* e) {
+    if (e->act == ACT_NONE && e->R == NULL) return;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n += 16) {
+            const __mmask16 mask = n1 - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n1 - n)) - 1);
+            __m512 v = activate(_mm512_maskz_loadu_ps(mask, Y + m * ldy + n), e->act);
+            if (e->R) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e->R + m * e->ldr + n));
+            _mm512_mask_storeu_ps(Y + m * ldy + n, mask, v);
+        }
+}
+
+/* Y = act(X W^T + bias) + R, called by every thread of a parallel region: each thread takes a contiguous
+   range of W's rows (three at a time; the last thread the N % 3 left), then finishes its own columns
+   while they are in its cache. Ends in a barrier: Y is complete when it returns. */
+static void product_f32(const float* X, int64_t M, int64_t ldx, const float* W, int64_t N, int64_t K, int64_t ldw,
+                        float* Y, int64_t ldy, const epilogue_f32* e) {
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads(), blocks = N / 3;
+    const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
+    for (int64_t b = b0; b < b1; b++) rows_of_w(X, M, ldx, W, ldw, K, e->bias, Y, ldy, 3 * b, 3);
+    int64_t n1 = 3 * b1;
+    if (t == threads - 1) {
+        if (N % 3 == 2) rows_of_w(X, M, ldx, W, ldw, K, e->bias, Y, ldy, N - 2, 2);
+        if (N % 3 == 1) rows_of_w(X, M, ldx, W, ldw, K, e->bias, Y, ldy, N - 1, 1);
+        n1 = N;
+    }
+    finish_columns(Y, ldy, M, 3 * b0, n1, e);
+    #pragma omp barrier
+}
+
 /* Y = X W^T + bias on `threads` OpenMP threads (torch's count). X: M x K, W: N x K, Y: M x N, rows
    contiguous with strides ldx, ldw, ldy; bias (N) or NULL. Any M >= 1, N >= 1, K >= 1. */
 void registry_linear_f32(const float* X, int64_t M, int64_t ldx, const float* W, int64_t N, int64_t K, int64_t ldw,
                          const float* bias, float* Y, int64_t ldy, int threads) {
-    const int64_t blocks = N / 3;
+    const epilogue_f32 e = {bias, ACT_NONE, NULL, 0};
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    product_f32(X, M, ldx, W, N, K, ldw, Y, ldy, &e);
+}
+
+static inline __m512 load_f32_at(const void* row, int64_t k) { return _mm512_loadu_ps((const float*)row + k); }
+
+static inline void store_f32_at(void* row, int64_t k, __m512 v) { _mm512_storeu_ps((float*)row + k, v); }
+
+/* rows of X (K values, K % 16 == 0) -> LayerNorm(X) rows of Y (see layer_norm_moments). Called by every
+   thread of a parallel region; ends in a barrier. */
+static void layer_norm_rows_f32(const float* X, int64_t M, int64_t ldx, int64_t K, const float* gamma,
+                                const float* beta, float eps, float* Y, int64_t ldy) {
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) layer_norm_row(X + m * ldx, K, gamma, beta, eps, load_f32_at, store_f32_at, Y + m * ldy);
+}
+
+/* registry_chain_bf16 (amx_linear.c) in float32, for a few rows: the steps of a transformer block between
+   two attentions' cores in one parallel region. Every step but the first layer is optional:
+     S  = (X W0^T + b0) + R0               if W0 (N0 x K0)
+     H  = LayerNorm(S)                     if gamma (S: X without W0; K1 % 16 == 0)
+     Y1 = act1(H W1^T + b1) + R1           W1: N1 x K1 (K1 = N0 with W0)
+     Y2 = (Y1 W2^T + b2) + R2              if W2 (N2 x N1)
+     Y3 = LayerNorm3(Y) W3^T + b3          if W3 (N3 x width of Y; that width % 16 == 0)
+   With W0, the residual of the last of Y1, Y2 is S and R1, R2 are ignored. Y (the last of Y1, Y2) and Y3
+   are the caller's; S, H, Y1 before Y2 and LayerNorm3(Y) live in the calling thread's scratch. Rows
+   contiguous: X (stride ldx), R0 (N0), R1 (N1), R2 (N2), Y, Y3 (N3). Returns 0, or -1 if the scratch
+   memory could not be allocated (nothing written). */
+int registry_chain_f32(const float* X, int64_t M, int64_t ldx, const float* W0, int64_t N0, int64_t K0, int64_t ldw0,
+                       const float* b0, const float* R0, const float* gamma, const float* beta, float eps,
+                       const float* W1, int64_t N1, int64_t K1, int64_t ldw1, const float* b1, int act1,
+                       const float* R1, const float* W2, int64_t N2, int64_t ldw2, const float* b2, const float* R2,
+                       float* Y, const float* gamma3, const float* beta3, float eps3, const float* W3, int64_t N3,
+                       int64_t ldw3, const float* b3, float* Y3, int threads) {
+    const int64_t NY = W2 != NULL ? N2 : N1;
+    const int64_t s_size = W0 != NULL ? M * N0 : 0, h_size = gamma != NULL ? M * K1 : 0;
+    const int64_t y1_size = W2 != NULL ? M * N1 : 0, h3_size = W3 != NULL ? M * NY : 0;
+    float* const between = registry_scratch(SCRATCH_CHAIN_F32, (size_t)(s_size + h_size + y1_size + h3_size) * 4);
+    if (between == NULL) return -1;
+    float *const S = W0 != NULL ? between : NULL, *const Xn = between + s_size;
+    float* const Y1 = W2 != NULL ? Xn + h_size : Y;
+    float* const H3 = Xn + h_size + y1_size;
+    if (W0 != NULL) {
+        if (W2 != NULL) R2 = S;
+        else R1 = S;
+    }
+    const epilogue_f32 e0 = {b0, ACT_NONE, R0, N0}, e1 = {b1, act1, R1, N1}, e2 = {b2, ACT_NONE, R2, N2},
+                       e3 = {b3, ACT_NONE, NULL, 0};
+    const float* const In = W0 != NULL ? S : X;
+    const int64_t ldin = W0 != NULL ? N0 : ldx;
+    const float* const H = gamma != NULL ? Xn : In;
+    const int64_t ldh = gamma != NULL ? K1 : ldin;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) rows_of_w(X, M, ldx, W, ldw, K, bias, Y, ldy, 3 * b, 3);
-        #pragma omp single
-        {
-            if (N % 3 == 2) rows_of_w(X, M, ldx, W, ldw, K, bias, Y, ldy, N - 2, 2);
-            if (N % 3 == 1) rows_of_w(X, M, ldx, W, ldw, K, bias, Y, ldy, N - 1, 1);
+        if (W0 != NULL) product_f32(X, M, ldx, W0, N0, K0, ldw0, S, N0, &e0);
+        if (gamma != NULL) layer_norm_rows_f32(In, M, ldin, K1, gamma, beta, eps, Xn, K1);
+        product_f32(H, M, ldh, W1, N1, K1, ldw1, Y1, N1, &e1);
+        if (W2 != NULL) product_f32(Y1, M, N1, W2, N2, N1, ldw2, Y, N2, &e2);
+        if (W3 != NULL) {
+            layer_norm_rows_f32(Y, M, NY, NY, gamma3, beta3, eps3, H3, NY);
+            product_f32(H3, M, NY, W3, N3, NY, ldw3, Y3, N3, &e3);
         }
     }
+    return 0;
 }

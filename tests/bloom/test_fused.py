@@ -8,9 +8,9 @@ import torch
 
 import registry
 from plugins.families.bloom import BloomAttention
-from registry import amx, fused
+from registry import amx, avx512, chains, fused
 
-from .conftest import left_padded_batch
+from .conftest import PAD, left_padded_batch
 
 
 def test_float32_eager_logits_are_the_reference_s_to_the_last_bit(reference_checkpoint):
@@ -66,15 +66,15 @@ def test_bfloat16_blocks_run_as_one_kernel_chain_each_and_generate_as_the_plain_
     _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
     model = registry.from_pretrained(folder, dtype="bfloat16")
     ids, mask = left_padded_batch(length=7)
-    chains = []
-    real = amx.run_chain
-    monkeypatch.setattr(amx, "run_chain", lambda *a, **k: chains.append(k) or real(*a, **k))
+    calls = []
+    real = chains.run_chain
+    monkeypatch.setattr(chains, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     # the first block's input LayerNorm and query-key-value projection; then per block its output
     # projection, both residuals, the second LayerNorm, the MLP, and (but for the last block) the next
     # block's input LayerNorm and projection
-    steps = [tuple(k.get(step) is not None for step in ("project", "norm", "second", "then")) for k in chains]
+    steps = [tuple(k.get(step) is not None for step in ("project", "norm", "second", "then")) for k in calls]
     assert steps == [(False, True, False, False), (True, True, True, True), (True, True, True, False)]
     fast = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     with fused.disabled():
@@ -108,3 +108,23 @@ def test_a_block_whose_input_a_hook_changes_projects_it_itself(reference_checkpo
             plain = model(input_ids=ids, attention_mask=mask).logits.float()
     real = mask.bool()
     assert (got - plain)[real].abs().max() <= 0.01
+
+
+@pytest.mark.skipif(not avx512.ready(), reason=f"AVX-512 kernel not usable here: {avx512.status().reason}")
+def test_float32_decode_steps_run_as_chains_and_generate_the_reference_s_tokens(reference_checkpoint, monkeypatch):
+    ref, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
+    model = registry.from_pretrained(folder)
+    ids, mask = left_padded_batch(length=7)
+    calls = []
+    real = chains.run_chain
+    monkeypatch.setattr(chains, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    with torch.no_grad():
+        expected = ref.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=PAD
+        )
+    assert torch.equal(got, expected)
+    # the prompt (21 rows) runs module by module; each of the 9 decode steps (3 rows): the first block's
+    # LayerNorm and projection, then one chain per block, the first carrying the second block's projection
+    steps = [tuple(k.get(step) is not None for step in ("project", "norm", "second", "then")) for k in calls]
+    assert steps == [(False, True, False, False), (True, True, True, True), (True, True, True, False)] * 9

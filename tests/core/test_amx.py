@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from registry import amx, fused
+from registry import amx, chains, fused
 
 from ..conftest import cpu_flags
 
@@ -358,7 +358,7 @@ def _chain_operands(rows: int, hidden: int, inner: int, seed: int):
 def _block_chain(o, **extra) -> torch.Tensor:
     """A whole block's chain on the operands of :func:`_chain_operands`."""
     project = (*o["dense"], o["r0"])
-    return amx.run_chain(
+    return chains.run_chain(
         o["x"], project=project, norm=o["norm"], first=o["up"], activation="gelu_tanh", second=o["down"], **extra
     )
 
@@ -374,12 +374,14 @@ def test_a_chain_without_a_layernorm_is_its_layers_on_the_kernel_bit_for_bit(sha
     s = amx.linear(o["x"], *o["dense"], residual=o["r0"])
     h = amx.linear(s, *o["up"], activation="gelu_tanh")
     expected = amx.linear(h, *o["down"], residual=s)
-    got = amx.run_chain(o["x"], project=(*o["dense"], o["r0"]), first=o["up"], activation="gelu_tanh", second=o["down"])
+    got = chains.run_chain(
+        o["x"], project=(*o["dense"], o["r0"]), first=o["up"], activation="gelu_tanh", second=o["down"]
+    )
     assert torch.equal(got, expected)
     # one layer with a residual of the caller's, and two layers with one
-    one = amx.run_chain(o["x"], first=o["dense"], residual=o["r0"])
+    one = chains.run_chain(o["x"], first=o["dense"], residual=o["r0"])
     assert torch.equal(one, s)
-    two = amx.run_chain(s, first=o["up"], activation="gelu_tanh", second=o["down"], residual=o["x"])
+    two = chains.run_chain(s, first=o["up"], activation="gelu_tanh", second=o["down"], residual=o["x"])
     assert torch.equal(two, amx.linear(h, *o["down"], residual=o["x"]))
 
 
@@ -395,7 +397,7 @@ def test_a_chain_with_a_layernorm_is_the_composition_up_to_the_layernorm_s_round
     # sums after it by as much
     assert float((got.float() - expected.float()).abs().max()) <= 2**-6 * float(expected.float().abs().max())
     # LayerNorm then one layer (a query-key-value projection)
-    qkv = amx.run_chain(s, norm=o["norm"], first=o["up"])
+    qkv = chains.run_chain(s, norm=o["norm"], first=o["up"])
     truth = amx.linear(_layer_norm(s, o["norm"]), *o["up"])
     assert float((qkv.float() - truth.float()).abs().max()) <= 2**-6 * float(truth.float().abs().max())
 
@@ -409,7 +411,7 @@ def test_the_chain_s_layernorm_rounds_like_pytorch_s_but_for_rare_values(rows, o
     x = (torch.randn(rows, hidden, generator=g) * 3 + offset).bfloat16()
     norm = ((torch.randn(hidden, generator=g) * 0.5 + 1).bfloat16(), torch.randn(hidden, generator=g).bfloat16(), 1e-5)
     identity = (torch.eye(hidden).bfloat16(), None)  # the product of a bfloat16 value and 1 is exact
-    got = amx.run_chain(x, norm=norm, first=identity)
+    got = chains.run_chain(x, norm=norm, first=identity)
     expected = _layer_norm(x, norm)
     differ = got != expected
     assert float(differ.float().mean()) <= 1e-3  # measured: at most a few values in 10^4
@@ -424,7 +426,9 @@ def test_a_constant_row_normalizes_to_the_layernorm_s_bias():
     hidden = 64
     x = torch.full((2, hidden), 3.5, dtype=torch.bfloat16)
     beta = torch.linspace(-1, 1, hidden).bfloat16()
-    got = amx.run_chain(x, norm=(torch.ones(hidden).bfloat16(), beta, 1e-5), first=(torch.eye(hidden).bfloat16(), None))
+    got = chains.run_chain(
+        x, norm=(torch.ones(hidden).bfloat16(), beta, 1e-5), first=(torch.eye(hidden).bfloat16(), None)
+    )
     assert torch.equal(got, beta.expand(2, hidden))
     assert torch.equal(got, _layer_norm(x, (torch.ones(hidden).bfloat16(), beta, 1e-5)))
 
@@ -434,7 +438,7 @@ def test_a_chain_leaves_its_inputs_as_they_were():
     o = _chain_operands(3, 64, 128, seed=3)
     before = {name: [t.clone() for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
               for name, v in o.items()}  # fmt: skip
-    amx.run_chain(
+    chains.run_chain(
         o["x"], project=(*o["dense"], o["r0"]), norm=o["norm"], first=o["up"], activation="gelu", second=o["down"]
     )
     for name, tensors in before.items():
@@ -463,8 +467,8 @@ def test_attention_output_and_mlp_runs_as_one_kernel_call(monkeypatch):
     dense, norm, up, down = _block_modules()
     attention, residual = torch.randn(2, 3, 64).bfloat16(), torch.randn(2, 3, 64).bfloat16()
     calls = []
-    real = amx.run_chain
-    monkeypatch.setattr(amx, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = chains.run_chain
+    monkeypatch.setattr(chains, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
     with torch.no_grad():
         got, nothing = fused.attention_output_and_mlp(
             attention, residual, dense=dense, norm=norm, up=up, down=down, activation="gelu_tanh"
@@ -496,8 +500,8 @@ def test_a_layernorm_with_a_forward_hook_runs_as_a_module(monkeypatch):
     seen = []
     norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     calls = []
-    real = amx.run_chain
-    monkeypatch.setattr(amx, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = chains.run_chain
+    monkeypatch.setattr(chains, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
     x = torch.randn(4, 64).bfloat16()
     with torch.no_grad():
         got = fused.mlp(x, up, down, activation="gelu_tanh", residual=x, norm=norm)
@@ -530,7 +534,7 @@ def test_what_the_chain_refuses_runs_as_the_composition(change):
     x = torch.randn(3, hidden).bfloat16()
     context = torch.enable_grad() if change == "grad" else torch.no_grad()
     with context:
-        assert fused._amx_chain(x, norm=norm, first=up, activation="gelu_tanh", second=down, residual=x) is None
+        assert fused._kernel_chain(x, norm=norm, first=up, activation="gelu_tanh", second=down, residual=x) is None
         got = fused.mlp(x, up, down, activation="gelu_tanh", residual=x, norm=norm)
         h = fused.linear(fused.linear(norm(x), up, activation="gelu_tanh"), down, residual=x)
     assert torch.equal(got, h)
@@ -549,8 +553,8 @@ def test_unknown_activations_are_refused_by_name():
 def test_a_profile_names_each_chain_with_its_steps():
     o = _chain_operands(3, 64, 128, seed=5)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        amx.run_chain(o["x"], norm=o["norm"], first=o["up"])
-        amx.run_chain(o["x"], project=(*o["dense"], o["r0"]), norm=o["norm"], first=o["up"], second=o["down"])
+        chains.run_chain(o["x"], norm=o["norm"], first=o["up"])
+        chains.run_chain(o["x"], project=(*o["dense"], o["r0"]), norm=o["norm"], first=o["up"], second=o["down"])
     names = {event.name for event in profile.events()}
     assert "registry.amx.chain 3 rows 64->128 layernorm" in names
     assert "registry.amx.chain 3 rows 64->64 64->128 128->64 layernorm" in names
@@ -567,7 +571,7 @@ def test_a_chain_computes_the_next_block_s_projection_as_its_own_call_would(rows
     y = _block_chain(o, then=(next_norm, next_layer, out))
     alone = _block_chain(o)
     assert torch.equal(y, alone)
-    assert torch.equal(out, amx.run_chain(alone, norm=next_norm, first=next_layer))
+    assert torch.equal(out, chains.run_chain(alone, norm=next_norm, first=next_layer))
 
 
 @needs_kernel

@@ -1,0 +1,147 @@
+"""Chains: the steps of a transformer block between two attentions' cores in one kernel call, on the AMX
+kernel in bfloat16 (``registry_chain_bf16``, amx_linear.c) or on the AVX-512 kernel in float32
+(``registry_chain_f32``, linear_f32.c, for a decode step's few rows). :func:`run_chain` says what a
+chain computes; :mod:`registry.fused` decides where one runs."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# the kernels' activation codes (enum in vector_math.h)
+ACTIVATION_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "tanh": 5}
+
+Layer = tuple[Tensor, "Tensor | None"]  # (weight, bias)
+Norm = tuple[Tensor, Tensor, float]  # a LayerNorm's (weight, bias, eps)
+Project = tuple[Tensor, "Tensor | None", "Tensor | None"]  # (weight, bias, residual)
+Then = tuple[Norm, Layer, Tensor]  # the next block's LayerNorm and projection, and its output
+
+_pointer, _integer, _value = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+ARGTYPES: list[Any] = [
+    _pointer, _integer, _integer,  # X, M, ldx
+    _pointer, _integer, _integer, _integer, _pointer, _pointer,  # W0, N0, K0, ldw0, b0, R0
+    _pointer, _pointer, _value,  # gamma, beta, eps
+    _pointer, _integer, _integer, _integer, _pointer, ctypes.c_int, _pointer,  # W1, N1, K1, ldw1, b1, act1, R1
+    _pointer, _integer, _integer, _pointer, _pointer,  # W2, N2, ldw2, b2, R2
+    _pointer,  # Y
+    _pointer, _pointer, _value, _pointer, _integer, _integer, _pointer, _pointer,  # gamma3 .. b3, Y3
+    ctypes.c_int,  # threads
+]  # fmt: skip
+
+
+def run_chain(
+    x: Tensor,
+    *,
+    project: Project | None = None,
+    norm: Norm | None = None,
+    first: Layer,
+    activation: str | None = None,
+    second: Layer | None = None,
+    residual: Tensor | None = None,
+    then: Then | None = None,
+) -> Tensor:
+    """The steps of a transformer block between two attentions' cores, in one kernel call: nothing runs
+    between them, so the interpreter is not returned to (a weight stream evicts its code and data, and
+    each return costs tens of microseconds on the operations that follow).
+
+    With ``s = project[0] x + project[1] + project[2]`` (the attention's output projection, its bias and
+    the block's residual; without ``project``, ``s = x``) it computes
+    ``second(activation(first(LayerNorm(s))))`` plus a residual: ``residual``, or ``s`` when ``project``
+    is given (a pre-LayerNorm block's second residual; ``residual`` is ignored then). ``norm`` and
+    ``second`` are optional; without ``second`` the residual is added to ``first``'s output. Only the
+    result is a new tensor: the steps before it write the calling thread's scratch memory in the kernel.
+
+    ``then`` = (norm, (weight, bias), out) also computes the next block's first projection of the result,
+    ``LayerNorm(result) @ weight^T + bias``, into ``out`` (rows, weight's out_features), in the same call.
+
+    bfloat16 runs on the AMX kernel (products as :func:`registry.amx.linear` computes them); float32 on
+    the AVX-512 kernel (as :func:`registry.avx512.linear`; activations vectorised, relative error about
+    2e-7). The LayerNorm computes as PyTorch does, in float32 per row, summed in another order: a value
+    may round the other way.
+
+    Without checks (callers make them: :mod:`registry.fused`): x is (..., in_features), contiguous (its
+    rows are the product of its leading dimensions); the result, residuals and ``then``'s out have x's
+    leading dimensions and are contiguous; every tensor has x's dtype and is on the CPU; weights have
+    contiguous rows (bfloat16: in_features a multiple of amx.K_MULTIPLE); biases and the LayerNorms'
+    parameters are contiguous and of the right length, LayerNorm widths multiples of 16. The dtype's
+    kernel must be ready."""
+    from registry import amx, avx512  # they import this module for its calling convention
+
+    if x.dtype == torch.bfloat16:
+        function, kernel = amx._library.registry_chain_bf16, "amx"  # type: ignore[union-attr]
+    else:
+        function, kernel = avx512._library.registry_chain_f32, "avx512"  # type: ignore[union-attr]
+    out_features = (first if second is None else second)[0].shape[0]
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
+        layers = (project, first, second, then[1] if then is not None else None)
+        steps = [layer[0].shape for layer in layers if layer is not None]
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        name = f"registry.{kernel}.chain {rows} rows {' '.join(f'{k}->{n}' for n, k in steps)}"
+        with torch.profiler.record_function(name + (" layernorm" if norm is not None else "")):
+            call(function, f"the {kernel} kernel", x, project, norm, first, activation, second, residual, y, then)
+    else:
+        call(function, f"the {kernel} kernel", x, project, norm, first, activation, second, residual, y, then)
+    return y
+
+
+def arguments(
+    x: Tensor,
+    project: Project | None,
+    norm: Norm | None,
+    first: Layer,
+    activation_code: int,
+    second: Layer | None,
+    residual: Tensor | None,
+    y: Tensor,
+    then: Then | None,
+    threads: int,
+) -> tuple[Any, ...]:
+    """The C function's arguments, in ARGTYPES' order."""
+    w0, b0, r0 = project if project is not None else (None, None, None)
+    (gamma3, beta3, eps3), (w3, b3), y3 = then if then is not None else ((None, None, 0.0), (None, None), None)
+    w1, b1 = first
+    w2, b2 = second if second is not None else (None, None)
+    r1, r2 = (residual, None) if second is None else (None, residual)
+    in_features = x.shape[-1]
+    return (
+        x.data_ptr(), x.numel() // in_features if in_features else 0, in_features,
+        None if w0 is None else w0.data_ptr(), 0 if w0 is None else w0.shape[0], 0 if w0 is None else w0.shape[1],
+        0 if w0 is None else w0.stride(0), None if b0 is None else b0.data_ptr(),
+        None if r0 is None else r0.data_ptr(),
+        None if norm is None else norm[0].data_ptr(), None if norm is None else norm[1].data_ptr(),
+        0.0 if norm is None else norm[2],
+        w1.data_ptr(), w1.shape[0], w1.shape[1], w1.stride(0),
+        None if b1 is None else b1.data_ptr(), activation_code, None if r1 is None else r1.data_ptr(),
+        None if w2 is None else w2.data_ptr(), 0 if w2 is None else w2.shape[0], 0 if w2 is None else w2.stride(0),
+        None if b2 is None else b2.data_ptr(), None if r2 is None else r2.data_ptr(),
+        y.data_ptr(),
+        None if gamma3 is None else gamma3.data_ptr(), None if beta3 is None else beta3.data_ptr(), eps3,
+        None if w3 is None else w3.data_ptr(), 0 if w3 is None else w3.shape[0], 0 if w3 is None else w3.stride(0),
+        None if b3 is None else b3.data_ptr(), None if y3 is None else y3.data_ptr(),
+        threads,
+    )  # fmt: skip
+
+
+def call(
+    function: Callable[..., int],
+    kernel: str,
+    x: Tensor,
+    project: Project | None,
+    norm: Norm | None,
+    first: Layer,
+    activation: str | None,
+    second: Layer | None,
+    residual: Tensor | None,
+    y: Tensor,
+    then: Then | None = None,
+) -> None:
+    """Call a kernel's chain ``function`` on these operands, torch's thread count; MemoryError if its
+    scratch memory could not be allocated (``kernel`` names it)."""
+    code = ACTIVATION_CODES[activation]
+    if function(*arguments(x, project, norm, first, code, second, residual, y, then, torch.get_num_threads())):
+        raise MemoryError(f"{kernel} could not allocate its scratch memory")
