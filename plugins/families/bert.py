@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.errors import InputError
-from registry.fused import linear
+from registry.fused import has_forward_hooks, linear, mlp
 from registry.interfaces import (
     AttentionBackend,
     BackboneOutput,
@@ -283,7 +283,19 @@ class BertLayer(nn.Module):
         cross_weights = None
         if cross is not None:
             x, cross_weights = self.crossattention(x, **cross)
-        return self.output(self.intermediate(x), x), weights, cross_weights
+        activation = FUSABLE.get(self.intermediate.hidden_act)
+        output = self.output
+        if (
+            activation is None
+            or (self.training and output.dropout > 0)
+            or has_forward_hooks(self.intermediate)
+            or has_forward_hooks(output)
+        ):
+            return output(self.intermediate(x), x), weights, cross_weights
+        # both MLP projections and the residual in one step (one kernel call where a kernel takes it; the
+        # same numbers as the two calls), then the post-LN LayerNorm as a module
+        up, down = self.intermediate.dense, output.dense
+        return output.LayerNorm(mlp(x, up, down, activation=activation, residual=x)), weights, cross_weights
 
 
 class BertPooler(nn.Module):

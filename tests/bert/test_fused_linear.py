@@ -156,3 +156,26 @@ def test_with_memory_to_spare_the_copy_is_made_and_counted(monkeypatch):
     assert entry is not None
     assert entry[4] == 2 * 3 * 32 * 64 * 4  # the packed copy and the concatenated weight MKL keeps beside it
     assert fused.packing()["packed_bytes"] >= entry[4] and fused.packing()["packed_groups"] >= 1
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.1)])
+def test_bert_mlps_run_as_one_kernel_chain_each_where_a_kernel_takes_them(dtype, tol, monkeypatch):
+    """Kernel widths (multiples of 32) and a few rows: each layer's MLP and its residual in one call, the
+    post-LN LayerNorm as a module after it; the same numbers as the plain path."""
+    from registry import chains
+
+    sizes = {**SIZES, "intermediate_size": 64}
+    model = registry.build("bert-base-uncased", head="base", dtype=dtype, **sizes)
+    ids = torch.randint(5, 90, (2, 3))  # 6 rows: the float32 kernel's decode-step range
+    calls = []
+    real = chains.run_chain
+    monkeypatch.setattr(chains, "run_chain", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with torch.inference_mode():
+        fast = model(input_ids=ids).last_hidden_state
+        with fused.disabled():
+            plain = model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        kernel_ready = fused._chain_kernel(torch.empty(6, 32, dtype=getattr(torch, dtype))) is not None
+    assert len(calls) == (2 if kernel_ready else 0)  # one per layer
+    assert all(k["second"] is not None and k["residual"] is not None and k["norm"] is None for k in calls)
+    assert max_diff(fast, plain) <= tol
