@@ -287,6 +287,8 @@ def _kernel_chain(
             return None
         layers.append(operand)
         width = operand[0].shape[0]
+    if project is not None and width != layers[0][0].shape[0]:
+        return None  # the projection's result is the last layer's residual: their widths must agree
     extra, size = (residual, width) if project is None else (project[1], layers[0][0].shape[0])
     if extra is not None and (extra.shape != (*leading, size) or extra.dtype is not dtype or not extra.is_cpu):
         return None
@@ -351,9 +353,15 @@ def _kernel_norm(norm: nn.LayerNorm, width: int, dtype: torch.dtype) -> chains.N
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks of its own: a family calls such a module as a module (so that
-    they run) instead of folding its work into a fused kernel call."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Whether forward hooks would run on ``module``: its own, or hooks registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook``). A family calls such a module as a module
+    (so that they run and see what they expect) instead of folding its work into a fused kernel call."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+        or getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None)
+    )
 
 
 def _few_rows_f32(x: Tensor, group: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor | None:

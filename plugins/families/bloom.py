@@ -222,31 +222,34 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
 
     def forward(
-        self, x: Tensor, *, projected: Tensor | None = None, then: BloomBlock | None = None, **attention: Any
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(output, attention weights or None, ``then``'s query-key-value projection or None).
+        self, x: Tensor, *, handoff: Handoff | None = None, then: BloomBlock | None = None, **attention: Any
+    ) -> tuple[Tensor, Tensor | None]:
+        """(output, attention weights or None), as the reference's block.
 
-        ``projected``: this block's query-key-value projection of ``input_layernorm(x)``, computed by the
-        block before; None computes it here. ``then``: the next block, whose projection this block
-        computes with its own last steps where one kernel call can take them all (see
-        :func:`registry.fused.attention_output_and_mlp`); None where it did not."""
+        ``handoff``: where the block before left this block's query-key-value projection of
+        ``input_layernorm(x)`` (taken and cleared here; none: computed here), and where this block
+        leaves ``then``'s, the next block's, when one kernel call computes it with this block's last
+        steps (see :func:`registry.fused.attention_output_and_mlp`). Only where nothing can change the
+        output between the two blocks: no forward hooks on this block or on the next (see
+        :meth:`takes_projection`)."""
+        projected = handoff.take() if handoff is not None else None
         if self.post_ln_residual:  # the LayerNorms' outputs are the residuals: they run on their own
             h = self.input_layernorm(x)
             x, weights = self.self_attention(h, h, **attention)
             h = self.post_attention_layernorm(x)
-            return self.mlp(h, h), weights, None
+            return self.mlp(h, h), weights
         attn, mlp_ = self.self_attention, self.mlp
         split = attn.tp_slices or mlp_.tp_slices or attn.dropping or mlp_.dropping
         if split or has_forward_hooks(attn) or has_forward_hooks(mlp_):
             # module by module; each LayerNorm still goes with the projection after it
             x, weights = attn(x, x, norm=self.input_layernorm, **attention)
-            return mlp_(x, x, norm=self.post_attention_layernorm), weights, None
+            return mlp_(x, x, norm=self.post_attention_layernorm), weights
         # the attention's core, then everything up to the next block's attention in one step (one kernel
         # call where the kernel takes it: the output projection, both residuals, the LayerNorm, the MLP,
         # and the next block's LayerNorm and query-key-value projection)
         out, weights = attn.core(x, norm=self.input_layernorm, projected=projected, **attention)
         following = None
-        if then is not None and then.takes_projection():
+        if handoff is not None and then is not None and then.takes_projection() and not has_forward_hooks(self):
             following = (then.input_layernorm, then.self_attention.query_key_value)
         y, projection = attention_output_and_mlp(
             out,
@@ -259,12 +262,14 @@ class BloomBlock(nn.Module):
             reference_activation=mlp_.reference_activation(x.dtype),
             then=following,
         )
-        return y, weights, projection
+        if handoff is not None and projection is not None:
+            handoff.leave(projection)
+        return y, weights
 
     def takes_projection(self) -> bool:
         """Whether this block takes its query-key-value projection from the block before: it uses it as
         computed (pre-LayerNorm, one projection, no dropout) and nothing may change its input first
-        (no forward hooks on it or on its attention)."""
+        (no forward hooks on it, its attention or its MLP; the block before checks its own)."""
         attn = self.self_attention
         return not (
             self.post_ln_residual
@@ -276,6 +281,23 @@ class BloomBlock(nn.Module):
             or has_forward_hooks(attn)
             or has_forward_hooks(self.mlp)
         )
+
+
+class Handoff:
+    """The next block's query-key-value projection, computed by the block before it (see
+    :meth:`BloomBlock.forward`): left by one block, taken by the next."""
+
+    __slots__ = ("projection",)
+
+    def __init__(self) -> None:
+        self.projection: Tensor | None = None
+
+    def leave(self, projection: Tensor) -> None:
+        self.projection = projection
+
+    def take(self) -> Tensor | None:
+        projection, self.projection = self.projection, None
+        return projection
 
 
 # -- backbone -------------------------------------------------------------------------------------
@@ -348,14 +370,18 @@ class BloomModel(nn.Module):
         rotate = self.position.rotate if self.rotates else None
         all_hidden: list[Tensor] = []
         all_weights: list[Tensor] = []
-        projected = None  # the next block's query-key-value projection, where the block before computed it
-        for i, block in enumerate(self.h):
+        handoff = Handoff()  # a block's query-key-value projection, where the block before computed it
+        blocks = list(self.h)
+        for i, block in enumerate(blocks):
             if output_hidden_states:
                 all_hidden.append(x)
-            x, weights, projected = block(
+            following = blocks[i + 1] if i + 1 < len(blocks) else None
+            # blocks of this family take part; a block replaced by something else (a wrapper) does not
+            chained = isinstance(block, BloomBlock)
+            extra = {"handoff": handoff, "then": following if isinstance(following, BloomBlock) else None}
+            x, weights = block(
                 x,
-                projected=projected,
-                then=self.h[i + 1] if i + 1 < len(self.h) else None,
+                **(extra if chained else {}),
                 mask=mask,
                 bias=biases[i],
                 positions=positions,

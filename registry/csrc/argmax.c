@@ -69,10 +69,12 @@ static part_answer scan(const void* row, int bf16, int64_t k0, int64_t k1) {
    values are bfloat16, else float32. Threads: OpenMP, as the linear kernels. Parts of at most 64
    answers per row are combined. */
 void registry_argmax_rows(const void* X, int bf16, int64_t M, int64_t N, int64_t ldx, int64_t* out, int threads) {
+    if (M <= 0 || N <= 0) return;
     if (threads < 1) threads = 1;
     int64_t parts = M < threads ? (threads + M - 1) / M : 1;
     if (parts > 64) parts = 64;
-    if (N < parts * 4096) parts = 1; /* short rows: one part (a parallel region costs more than it saves) */
+    if (parts > N / 4096) parts = N / 4096 > 1 ? N / 4096 : 1; /* parts of 4096 values at least: a parallel
+                                                                   region costs more than a shorter scan */
     part_answer answers[64];
     const size_t size = bf16 ? 2 : 4;
     for (int64_t m0 = 0; m0 < M; m0 += 64 / parts) {

@@ -128,3 +128,54 @@ def test_float32_decode_steps_run_as_chains_and_generate_the_reference_s_tokens(
     # LayerNorm and projection, then one chain per block, the first carrying the second block's projection
     steps = [tuple(k.get(step) is not None for step in ("project", "norm", "second", "then")) for k in calls]
     assert steps == [(False, True, False, False), (True, True, True, True), (True, True, True, False)] * 9
+
+
+def _handed(monkeypatch) -> list[bool]:
+    """Per block call: whether it was handed its projection by the block before."""
+    handed: list[bool] = []
+    core = BloomAttention.core
+    monkeypatch.setattr(
+        BloomAttention, "core", lambda self, x, **k: handed.append(k.get("projected") is not None) or core(self, x, **k)
+    )
+    return handed
+
+
+@pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
+def test_a_block_whose_output_a_hook_changes_hands_nothing_on(reference_checkpoint, monkeypatch):
+    _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
+    model = registry.from_pretrained(folder, dtype="bfloat16")
+    ids, mask = left_padded_batch(length=7)
+    shift = torch.linspace(-2, 2, 64).bfloat16()
+    # a hook that returns the reference's (output, weights) pair, changed
+    model.backbone.h[0].register_forward_hook(lambda module, args, out: (out[0] + shift, out[1]))
+    handed = _handed(monkeypatch)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits.float()
+        assert handed == [False, False]
+        with fused.disabled():
+            plain = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert (got - plain)[mask.bool()].abs().max() <= 0.01
+
+
+def test_a_block_replaced_by_a_wrapper_runs_as_it_is_called(reference_checkpoint, monkeypatch):
+    _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
+    model = registry.from_pretrained(folder)
+    ids, mask = left_padded_batch(length=7)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+
+    class Wrapper(torch.nn.Module):  # takes only the reference's arguments (a checkpointing wrapper, say)
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x, *, mask, bias, positions, rotate, cache, need_weights):
+            return self.block(x, mask=mask, bias=bias, positions=positions, rotate=rotate, cache=cache,
+                              need_weights=need_weights)  # fmt: skip
+
+    model.backbone.h[1] = Wrapper(model.backbone.h[1])
+    handed = _handed(monkeypatch)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert handed == [False, False]
+    assert torch.equal(got, expected)

@@ -304,3 +304,9 @@ def test_float64_logits_are_rounded_to_float32_before_the_choice_as_the_referenc
     near_tie = torch.tensor([[1.0, 1.0 + 2**-40]], dtype=torch.float64)  # equal once rounded to float32
     assert _processes(near_tie, 0, options)
     assert not _processes(near_tie.bfloat16(), 0, options) and not _processes(near_tie.float(), 0, options)
+
+
+def test_an_empty_batch_generates_nothing():
+    model = registry.build("bloom-560m", n_layer=1, hidden_size=32, n_head=4, vocab_size=300)
+    got = model.generate(torch.empty(0, 5, dtype=torch.long), max_new_tokens=2, eos_token_id=[])
+    assert got.shape == (0, 6)  # all rows of an empty batch are finished after the first step

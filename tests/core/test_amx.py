@@ -588,3 +588,18 @@ def test_attention_output_and_mlp_returns_the_next_projection_on_and_off_the_ker
         with fused.disabled():
             plain_y, plain_projection = fused.attention_output_and_mlp(attention, residual, **kwargs)
             assert torch.equal(plain_projection, fused.linear(plain_y, next_layer, norm=next_norm))
+
+
+@needs_kernel
+def test_a_chain_whose_last_width_differs_from_the_projection_s_is_refused_like_the_composition():
+    """The projection's result is the last layer's residual: down must give back the block's width."""
+    torch.manual_seed(0)
+    dense, norm, up = nn.Linear(64, 64).bfloat16(), nn.LayerNorm(64).bfloat16(), nn.Linear(64, 96).bfloat16()
+    down = nn.Linear(96, 128).bfloat16()
+    attention, residual = torch.randn(1, 3, 64).bfloat16(), torch.randn(1, 3, 64).bfloat16()
+    with torch.no_grad():
+        assert fused._kernel_chain(attention, project=(dense, residual), norm=norm, first=up, second=down) is None
+        with pytest.raises(RuntimeError):
+            fused.attention_output_and_mlp(
+                attention, residual, dense=dense, norm=norm, up=up, down=down, activation="gelu"
+            )

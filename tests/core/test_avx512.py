@@ -306,3 +306,10 @@ def test_argmax_refuses_what_it_does_not_take(scores):
     assert not avx512.supports_argmax(scores)
     with pytest.raises(ValueError, match="2-d float32 or bfloat16"):
         avx512.argmax(scores)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_of_no_rows_is_empty(dtype):
+    got = avx512.argmax(torch.empty(0, 50, dtype=dtype))
+    assert got.dtype == torch.int64 and got.shape == (0,)
