@@ -198,7 +198,7 @@ class _Tensors:
             begin, end = (int(offset) for offset in entry[name]["data_offsets"])
         except (OSError, ValueError, KeyError, TypeError) as error:  # the file changed since it was opened
             raise CheckpointError(f"cannot read the header of '{path}' for tensor '{name}': {error!r}") from error
-        out = hugepages.empty(self.shape(name), dtype)
+        out = hugepages.empty(self.shape(name), dtype)  # OSError: the caller reads it the ordinary way
         if stored is None:  # a dtype this reader does not map: read through safetensors instead
             out.copy_(self.get(name))
             return out
@@ -313,11 +313,15 @@ def load_weights(model: Any, folder: Path, *, device: str, strict: bool = True) 
         element = dtype.itemsize
         for key, name in plan.items():
             shape = tensors.shape(name)
+            value = None
             if huge and shape and math.prod(shape) * element >= hugepages.MIN_BYTES:
-                value = tensors.get_on_huge_pages(name, dtype)
-                placement.moved += 1
-                placement.bytes += value.numel() * element
-            else:
+                try:
+                    value = tensors.get_on_huge_pages(name, dtype)
+                    placement.moved += 1
+                    placement.bytes += value.numel() * element
+                except OSError as error:  # no memory to map (a file error is a CheckpointError)
+                    placement.decline(error)
+            if value is None:
                 read = tensors.get(name)
                 value = read.to(device=device, dtype=dtype)
                 if huge and value.untyped_storage().data_ptr() == read.untyped_storage().data_ptr():

@@ -19,6 +19,7 @@ transparent huge pages for advised memory (``/sys/kernel/mm/transparent_hugepage
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 HUGE_PAGE = 2 << 20
+log = logging.getLogger(__name__)
 MIN_BYTES = 4 << 20  # smaller tensors would waste most of a huge page (the tail is rounded up to one)
 _SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -98,11 +100,21 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
 
 @dataclass
 class Placement:
-    """What :func:`place` did: tensors moved and their bytes, or why none were."""
+    """What :func:`place` did: tensors moved and their bytes, or why none were; tensors left on
+    ordinary pages because their memory could not be mapped or advised, and the first such error."""
 
     moved: int = 0
     bytes: int = 0
     reason: str = ""
+    declined: int = 0
+    error: str = ""
+
+    def decline(self, error: OSError) -> None:
+        """Record a tensor left where it was (the first error is kept, and logged once)."""
+        if not self.declined:
+            self.error = str(error)
+            log.warning("huge pages: a tensor stays on ordinary pages (%s); its numbers are the same", error)
+        self.declined += 1
 
     def as_dict(self) -> dict[str, object]:
         """The manifest's ``memory`` entry. Huge pages are advised, not promised: the kernel may still
@@ -110,7 +122,11 @@ class Placement:
         if self.reason:
             return {"huge_pages": self.reason}
         tensors = "tensor" if self.moved == 1 else "tensors"
-        return {"huge_pages": f"{self.moved} {tensors}, {self.bytes / 2**20:.0f} MiB, advised"}
+        entry = f"{self.moved} {tensors}, {self.bytes / 2**20:.0f} MiB, advised"
+        if self.declined:
+            left = "tensor" if self.declined == 1 else "tensors"
+            entry += f"; {self.declined} {left} on ordinary pages: {self.error}"
+        return {"huge_pages": entry}
 
 
 def place(model: nn.Module, *, copy: bool = True) -> Placement:
@@ -121,8 +137,8 @@ def place(model: nn.Module, *, copy: bool = True) -> Placement:
         model: any module; its tensors elsewhere than on the CPU, or smaller, are left where they are.
         copy: False leaves the new memory uninitialised and untouched (weights about to be initialised).
 
-    Raises:
-        OSError: the memory could not be mapped or advised.
+    A tensor whose new memory cannot be mapped or advised (out of memory, say) stays where it is; the
+    placement counts it and keeps the error (:meth:`Placement.as_dict` shows both).
 
     Example:
         >>> hugepages.place(model).as_dict()
@@ -146,7 +162,11 @@ def place(model: nn.Module, *, copy: bool = True) -> Placement:
                         if not isinstance(tensor, nn.Parameter):
                             table[attr] = replaced[id(tensor)][1]
                         continue
-                    moved = empty(tensor.shape, tensor.dtype)
+                    try:
+                        moved = empty(tensor.shape, tensor.dtype)
+                    except OSError as error:
+                        report.decline(error)
+                        continue
                     if copy:
                         moved.copy_(tensor)
                     replaced[id(tensor)] = (tensor, moved)

@@ -148,3 +148,29 @@ def test_a_built_model_initialises_the_weights_it_placed(monkeypatch):
     embedding = placed.state_dict()["transformer.word_embeddings.weight"]
     assert embedding.data_ptr() % hugepages.HUGE_PAGE == 0 and float(embedding.std()) > 0.01  # initialised
     assert embedding.untyped_storage().nbytes() == embedding.numel() * embedding.element_size()
+
+
+@needs_huge_pages
+def test_memory_that_cannot_be_mapped_leaves_tensors_on_ordinary_pages_and_says_so(tmp_path, monkeypatch):
+    """No memory for a huge-page mapping (the kernel may refuse one): the tensor stays where it is, the
+    numbers are the same, and the manifest says how many stayed and why."""
+    torch.manual_seed(0)
+    plain = registry.build("bloom-560m", n_layer=1, hidden_size=64, n_head=2, vocab_size=20000)
+    plain.save_pretrained(tmp_path)
+
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hugepages.mmap, "mmap", refused)
+    torch.manual_seed(0)
+    built = registry.build("bloom-560m", n_layer=1, hidden_size=64, n_head=2, vocab_size=20000)
+    loaded = registry.from_pretrained(tmp_path)
+    for model in (built, loaded):
+        entry = model.manifest["memory"]["huge_pages"]
+        assert entry.startswith("0 tensors, 0 MiB, advised; 1 tensor on ordinary pages:"), entry
+        assert "Cannot allocate memory" in entry
+        for (name, got), expected in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+            assert torch.equal(got, expected), name
+    layer = nn.Linear(1024, 1024)
+    placement = hugepages.place(layer)
+    assert (placement.moved, placement.declined) == (0, 1)
