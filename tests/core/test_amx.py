@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from registry import amx, chains, fused
+from registry import amx, avx512, chains, fused
 
 from ..conftest import cpu_flags
 
@@ -603,3 +603,36 @@ def test_a_chain_whose_last_width_differs_from_the_projection_s_is_refused_like_
             fused.attention_output_and_mlp(
                 attention, residual, dense=dense, norm=norm, up=up, down=down, activation="gelu"
             )
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_threads_running_chains_at_once_get_their_own_results(dtype):
+    """A chain's intermediates live in the calling thread's scratch: concurrent chains do not mix."""
+    if dtype == torch.float32 and not avx512.ready():
+        pytest.skip(f"AVX-512 kernel not usable here: {avx512.status().reason}")
+    o = {k: tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in v) if isinstance(v, tuple) else v.to(dtype)
+         for k, v in _chain_operands(16, 64, 128, seed=9).items()}  # fmt: skip
+    inputs = [torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to(dtype) for rows in (2, 5, 16)] * 3
+
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        residual = torch.ones_like(x)
+        return chains.run_chain(
+            x, project=(*o["dense"], residual), norm=o["norm"], first=o["up"], activation="gelu", second=o["down"]
+        )
+
+    with torch.no_grad():
+        expected = [chain(x) for x in inputs]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                results[i] = chain(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[i], expected[i]) for i in range(len(inputs)))
