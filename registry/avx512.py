@@ -103,16 +103,15 @@ def _check_chain(library: ctypes.CDLL, generator: torch.Generator) -> str | None
     """A whole chain (projection and residual, LayerNorm, two layers with a tanh-GELU between, the
     second residual, the next LayerNorm and projection) against the same steps in float64."""
     x, r0 = (torch.randn(3, 32, generator=generator) for _ in range(2))
-    w0, w1, w2, w3 = (
-        torch.randn(n, k, generator=generator) / k**0.5 for n, k in ((32, 32), (48, 32), (32, 48), (40, 32))
-    )
+    shapes = ((32, 32), (48, 32), (32, 48), (40, 32))
+    w0, w1, w2, w3 = (torch.randn(n, k, generator=generator) / k**0.5 for n, k in shapes)
     b0, gamma, beta, b2, gamma3, beta3 = (torch.randn(32, generator=generator) for _ in range(6))
     b1, b3 = torch.randn(48, generator=generator), torch.randn(40, generator=generator)
-    d = {name: t.double() for name, t in locals().items() if isinstance(t, Tensor)}
-    s = F.linear(d["x"], d["w0"], d["b0"]) + d["r0"]
-    h = F.gelu(F.linear(F.layer_norm(s, (32,), d["gamma"], d["beta"], 1e-5), d["w1"], d["b1"]), approximate="tanh")
-    y = F.linear(h, d["w2"], d["b2"]) + s
-    y3 = F.linear(F.layer_norm(y, (32,), d["gamma3"], d["beta3"], 1e-5), d["w3"], d["b3"])
+    s = F.linear(x.double(), w0.double(), b0.double()) + r0.double()
+    normed = F.layer_norm(s, (32,), gamma.double(), beta.double(), 1e-5)
+    h = F.gelu(F.linear(normed, w1.double(), b1.double()), approximate="tanh")
+    y = F.linear(h, w2.double(), b2.double()) + s
+    y3 = F.linear(F.layer_norm(y, (32,), gamma3.double(), beta3.double(), 1e-5), w3.double(), b3.double())
     got, got3 = torch.empty(3, 32), torch.empty(3, 40)
     then = ((gamma3, beta3, 1e-5), (w3, b3), got3)
     operands = (x, (w0, b0, r0), (gamma, beta, 1e-5), (w1, b1), "gelu_tanh", (w2, b2), None, got, then)

@@ -5,6 +5,7 @@ chain computes; :mod:`registry.fused` decides where one runs."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from collections.abc import Callable
 from typing import Any
@@ -77,14 +78,14 @@ def run_chain(
         function, kernel = avx512._library.registry_chain_f32, "avx512"  # type: ignore[union-attr]
     out_features = (first if second is None else second)[0].shape[0]
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if torch.autograd.profiler._is_profiler_enabled:  # a profile names the kernel (it is not an ATen op)
         layers = (project, first, second, then[1] if then is not None else None)
-        steps = [layer[0].shape for layer in layers if layer is not None]
+        steps = " ".join(f"{k}->{n}" for n, k in (layer[0].shape for layer in layers if layer is not None))
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        name = f"registry.{kernel}.chain {rows} rows {' '.join(f'{k}->{n}' for n, k in steps)}"
-        with torch.profiler.record_function(name + (" layernorm" if norm is not None else "")):
-            call(function, f"the {kernel} kernel", x, project, norm, first, activation, second, residual, y, then)
-    else:
+        layernorm = " layernorm" if norm is not None else ""
+        scope = torch.profiler.record_function(f"registry.{kernel}.chain {rows} rows {steps}{layernorm}")
+    with scope:
         call(function, f"the {kernel} kernel", x, project, norm, first, activation, second, residual, y, then)
     return y
 

@@ -200,7 +200,7 @@ def _amx_linear(
     operands = []
     leading = x.shape[:-1]
     for layer in group:
-        operand = _amx_operand(layer, in_features)
+        operand = _kernel_operand(layer, in_features)
         if operand is None:
             return None
         operands.append(operand)
@@ -226,7 +226,7 @@ def _amx_linear(
     return y.view(*leading, out_features)
 
 
-def _amx_operand(layer: nn.Linear, in_features: int, dtype: torch.dtype = torch.bfloat16) -> chains.Layer | None:
+def _kernel_operand(layer: nn.Linear, in_features: int, dtype: torch.dtype = torch.bfloat16) -> chains.Layer | None:
     """The layer's (weight, bias) if a kernel reads them as they lie: ``dtype`` on the CPU, weight rows
     of ``in_features`` contiguous values, a contiguous bias."""
     weight, bias = layer.weight, layer.bias
@@ -266,13 +266,12 @@ def _kernel_chain(
     second: nn.Linear | None = None,
     residual: Tensor | None = None,
     then: tuple[nn.LayerNorm, nn.Linear] | None = None,
-    then_out: list[Tensor] | None = None,
-) -> Tensor | None:
-    """A chain (:func:`registry.chains.run_chain`) on modules
-    (``project``: the attention's output projection and the block's residual; ``then``: the next
-    block's LayerNorm and first projection, whose result is appended to ``then_out``); None where no
-    kernel takes it (:func:`_chain_kernel`), or a layer or LayerNorm is not one it reads as it lies, or
-    a LayerNorm has forward hooks (it runs as a module then, and they run)."""
+) -> tuple[Tensor, Tensor | None] | None:
+    """A chain (:func:`registry.chains.run_chain`) on modules (``project``: the attention's output
+    projection and the block's residual; ``then``: the next block's LayerNorm and first projection):
+    (its result, ``then``'s result or None); None where no kernel takes it (:func:`_chain_kernel`), or a
+    layer or LayerNorm is not one it reads as it lies, or a LayerNorm has forward hooks (it runs as a
+    module then, and they run)."""
     multiple = _chain_kernel(x)
     if multiple is None:
         return None
@@ -282,7 +281,7 @@ def _kernel_chain(
     for layer in (project[0] if project is not None else None, first, second):
         if layer is None:
             continue
-        operand = None if width % multiple else _amx_operand(layer, width, dtype)
+        operand = None if width % multiple else _kernel_operand(layer, width, dtype)
         if operand is None:
             return None
         layers.append(operand)
@@ -300,35 +299,23 @@ def _kernel_chain(
     then_args = None
     if then is not None:
         then_norm = _kernel_norm(then[0], width, dtype)
-        then_operand = None if width % multiple else _amx_operand(then[1], width, dtype)
-        if then_norm is None or then_operand is None or then_out is None:
+        then_operand = None if width % multiple else _kernel_operand(then[1], width, dtype)
+        if then_norm is None or then_operand is None:
             return None
         then_y = torch.empty(*leading, then_operand[0].shape[0], dtype=dtype)
         then_args = (then_norm, then_operand, then_y)
-    x = x.contiguous()  # the kernel reads rows of the leading dimensions, in_features apart
-    if project is not None:
-        y = chains.run_chain(
-            x,
-            project=(*layers[0], project[1].contiguous()),
-            norm=norm_args,
-            first=layers[1],
-            activation=activation,
-            second=layers[2] if second is not None else None,
-            then=then_args,
-        )
-    else:
-        y = chains.run_chain(
-            x,
-            norm=norm_args,
-            first=layers[0],
-            activation=activation,
-            second=layers[1] if second is not None else None,
-            residual=None if residual is None else residual.contiguous(),
-            then=then_args,
-        )
-    if then_args is not None and then_out is not None:
-        then_out.append(then_y)
-    return y
+    first_at = 0 if project is None else 1  # layers[0] is the projection where there is one
+    y = chains.run_chain(
+        x.contiguous(),  # the kernel reads rows of the leading dimensions, in_features apart
+        project=None if project is None else (*layers[0], project[1].contiguous()),
+        norm=norm_args,
+        first=layers[first_at],
+        activation=activation,
+        second=layers[first_at + 1] if second is not None else None,
+        residual=None if residual is None else residual.contiguous(),
+        then=then_args,
+    )
+    return y, None if then_args is None else then_args[2]
 
 
 def _kernel_norm(norm: nn.LayerNorm, width: int, dtype: torch.dtype) -> chains.Norm | None:
@@ -605,8 +592,9 @@ def linear(
             runs wherever the product is the reference's to the bit (``F.linear``, MKL), so that those
             results stay the reference's; the named activation runs where the product already differs by
             rounding (the AMX, oneDNN and few-row float32 kernels), fused or in place.
-        norm: a LayerNorm applied to x first, or None. Where the AMX kernel takes the layer (one layer),
-            it normalizes in the same call (see :func:`mlp`); elsewhere ``norm(x)`` runs first, as a module.
+        norm: a LayerNorm applied to x first, or None. Where a kernel takes the layer as a chain (one
+            layer; see :func:`mlp`), it normalizes in the same call; elsewhere ``norm(x)`` runs first, as a
+            module.
 
     Raises:
         ValueError: an unknown activation.
@@ -620,9 +608,9 @@ def linear(
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
     if norm is not None:
         if len(group) == 1:
-            y = _kernel_chain(x, norm=norm, first=group[0], activation=activation, residual=residual)
-            if y is not None:
-                return y
+            chained = _kernel_chain(x, norm=norm, first=group[0], activation=activation, residual=residual)
+            if chained is not None:
+                return chained[0]
         x = norm(x)
     y = _amx_linear(x, group, activation, residual)
     if y is not None:
@@ -672,14 +660,16 @@ def mlp(
 ) -> Tensor:
     """A transformer's feed-forward block, ``down(activation(up(norm(x)))) + residual``.
 
-    On the AMX kernel (bfloat16 on the CPU, fewer than AMX_MAX_ROWS rows: a decode step or a short
-    prompt) the LayerNorm, both layers and their epilogues run in one kernel call: the weights stream
+    Where a kernel takes it as a chain (:func:`registry.chains.run_chain`: bfloat16 on the CPU below
+    AMX_MAX_ROWS rows, a decode step or a short prompt, on the AMX kernel; float32 at avx512.MIN_ROWS to
+    MAX_ROWS rows, a batch's decode step, on the AVX-512 kernel) the LayerNorm, both layers and their
+    epilogues run in one kernel call: the weights stream
     one after the other with nothing between them but a barrier. Returning to the interpreter between
     them costs more than the work there: each weight stream evicts the code and data the next
     operations need (tens of microseconds for a LayerNorm that takes 7 warm). The numbers are those of
     ``linear(linear(norm(x), up, activation=...), down, residual=...)`` on that kernel, but for the
-    LayerNorm: computed as PyTorch does, in float32 per row and rounded once, it may round a value the
-    other way where the two sum in another order (a few values in 10^4).
+    LayerNorm and (float32) the activation: computed as PyTorch computes them, in another order or
+    with a vectorised function, a value may round the other way (a few in 10^4).
 
     Elsewhere it is that composition: ``norm`` as a module, then :func:`linear` twice (so
     ``reference_activation`` applies as there).
@@ -697,9 +687,9 @@ def mlp(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)}")
-    y = _kernel_chain(x, norm=norm, first=up, activation=activation, second=down, residual=residual)
-    if y is not None:
-        return y
+    chained = _kernel_chain(x, norm=norm, first=up, activation=activation, second=down, residual=residual)
+    if chained is not None:
+        return chained[0]
     h = linear(x, up, activation=activation, reference_activation=reference_activation, norm=norm)
     return linear(h, down, residual=residual)
 
@@ -721,8 +711,8 @@ def attention_output_and_mlp(
     ``(y, then[1](then[0](y)))`` (the next block's LayerNorm and first projection), or ``(y, None)``
     without ``then``.
 
-    On the AMX kernel, one kernel call for all of it (see :func:`mlp`): the four weight streams of a
-    block's decode step but the query-key-value projection follow each other with nothing between them.
+    Where a kernel takes it (see :func:`mlp`), one kernel call for all of it: the weight streams of a
+    block's decode step follow each other with nothing between them.
     Elsewhere, :func:`linear` and :func:`mlp`, with the same numbers as there.
 
     Args:
@@ -737,20 +727,11 @@ def attention_output_and_mlp(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)}")
-    projected: list[Tensor] = []
-    y = _kernel_chain(
-        attention,
-        project=(dense, residual),
-        norm=norm,
-        first=up,
-        activation=activation,
-        second=down,
-        then=then,
-        then_out=projected,
+    chained = _kernel_chain(
+        attention, project=(dense, residual), norm=norm, first=up, activation=activation, second=down, then=then
     )
-    if y is None:
-        s = linear(attention, dense, residual=residual)
-        y = mlp(s, up, down, activation=activation, residual=s, norm=norm, reference_activation=reference_activation)
-    if then is None:
-        return y, None
-    return y, projected[0] if projected else linear(y, then[1], norm=then[0])
+    if chained is not None:
+        return chained
+    s = linear(attention, dense, residual=residual)
+    y = mlp(s, up, down, activation=activation, residual=s, norm=norm, reference_activation=reference_activation)
+    return y, None if then is None else linear(y, then[1], norm=then[0])

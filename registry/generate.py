@@ -234,7 +234,7 @@ def _nucleus(scores: Tensor, top_p: float) -> Tensor:
 def choose(scores: Tensor, *, do_sample: bool, generator: torch.Generator | None) -> Tensor:
     """The next token of each row, (B,): the argmax, or a draw from softmax(scores)."""
     if not do_sample:
-        if scores.is_cpu and avx512.ready() and avx512.supports_argmax(scores):
+        if avx512.supports_argmax(scores) and avx512.ready():
             return avx512.argmax(scores)  # the same indices, at memory speed (see registry.avx512.argmax)
         return scores.max(dim=-1).indices  # max's indices are argmax's (the first maximal entry), 3x faster
     probs = torch.softmax(scores, dim=-1)

@@ -239,8 +239,7 @@ class BloomBlock(nn.Module):
             h = self.post_attention_layernorm(x)
             return self.mlp(h, h), weights
         attn, mlp_ = self.self_attention, self.mlp
-        split = attn.tp_slices or mlp_.tp_slices or attn.dropping or mlp_.dropping
-        if split or has_forward_hooks(attn) or has_forward_hooks(mlp_):
+        if not self._fusable():
             # module by module; each LayerNorm still goes with the projection after it
             x, weights = attn(x, x, norm=self.input_layernorm, **attention)
             return mlp_(x, x, norm=self.post_attention_layernorm), weights
@@ -266,21 +265,18 @@ class BloomBlock(nn.Module):
             handoff.leave(projection)
         return y, weights
 
+    def _fusable(self) -> bool:
+        """Whether the steps after the attention's core run as one (see :meth:`forward`): one projection
+        each, no active dropout, no forward hooks on the attention or the MLP (they would not run)."""
+        attn, mlp_ = self.self_attention, self.mlp
+        split = attn.tp_slices or mlp_.tp_slices or attn.dropping or mlp_.dropping
+        return not (split or has_forward_hooks(attn) or has_forward_hooks(mlp_))
+
     def takes_projection(self) -> bool:
         """Whether this block takes its query-key-value projection from the block before: it uses it as
-        computed (pre-LayerNorm, one projection, no dropout) and nothing may change its input first
-        (no forward hooks on it, its attention or its MLP; the block before checks its own)."""
-        attn = self.self_attention
-        return not (
-            self.post_ln_residual
-            or attn.tp_slices
-            or attn.dropping
-            or self.mlp.tp_slices
-            or self.mlp.dropping
-            or has_forward_hooks(self)
-            or has_forward_hooks(attn)
-            or has_forward_hooks(self.mlp)
-        )
+        computed (pre-LayerNorm, fusable) and nothing may change its input first (no forward hooks on
+        the block; the block before checks its own)."""
+        return not self.post_ln_residual and self._fusable() and not has_forward_hooks(self)
 
 
 class Handoff:

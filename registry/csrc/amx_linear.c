@@ -399,13 +399,11 @@ int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_
     if (W2 != NULL && N1 > widest) widest = N1;
     if (W3 != NULL && NY > widest) widest = NY;
     uint32_t* const XT = M == 1 ? NULL : packed_rows(widest);
-    const int64_t s_size = W0 != NULL ? M * N0 : 0, h_size = gamma != NULL ? M * K1 : 0;
-    const int64_t y1_size = W2 != NULL ? M * N1 : 0, h3_size = W3 != NULL ? M * NY : 0;
-    uint16_t* const between = between_buffer(s_size + h_size + y1_size + h3_size);
+    const chain_layout at = chain_scratch(M, W0 != NULL, N0, gamma != NULL, K1, W2 != NULL, N1, W3 != NULL, NY);
+    uint16_t* const between = between_buffer(at.total);
     if ((M > 1 && XT == NULL) || between == NULL) return -1;
-    uint16_t *const S = W0 != NULL ? between : NULL, *const Xn = between + s_size;
-    uint16_t* const Y1 = W2 != NULL ? Xn + h_size : Y;
-    uint16_t* const H3 = Xn + h_size + y1_size;
+    uint16_t *const S = W0 != NULL ? between + at.s : NULL, *const Xn = between + at.h;
+    uint16_t *const Y1 = W2 != NULL ? between + at.y1 : Y, *const H3 = between + at.h3;
     if (W0 != NULL) {
         if (W2 != NULL) R2 = S;
         else R1 = S;

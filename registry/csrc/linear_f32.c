@@ -173,13 +173,11 @@ int registry_chain_f32(const float* X, int64_t M, int64_t ldx, const float* W0, 
                        float* Y, const float* gamma3, const float* beta3, float eps3, const float* W3, int64_t N3,
                        int64_t ldw3, const float* b3, float* Y3, int threads) {
     const int64_t NY = W2 != NULL ? N2 : N1;
-    const int64_t s_size = W0 != NULL ? M * N0 : 0, h_size = gamma != NULL ? M * K1 : 0;
-    const int64_t y1_size = W2 != NULL ? M * N1 : 0, h3_size = W3 != NULL ? M * NY : 0;
-    float* const between = registry_scratch(SCRATCH_CHAIN_F32, (size_t)(s_size + h_size + y1_size + h3_size) * 4);
+    const chain_layout at = chain_scratch(M, W0 != NULL, N0, gamma != NULL, K1, W2 != NULL, N1, W3 != NULL, NY);
+    float* const between = registry_scratch(SCRATCH_CHAIN_F32, (size_t)at.total * sizeof(float));
     if (between == NULL) return -1;
-    float *const S = W0 != NULL ? between : NULL, *const Xn = between + s_size;
-    float* const Y1 = W2 != NULL ? Xn + h_size : Y;
-    float* const H3 = Xn + h_size + y1_size;
+    float *const S = W0 != NULL ? between + at.s : NULL, *const Xn = between + at.h;
+    float *const Y1 = W2 != NULL ? between + at.y1 : Y, *const H3 = between + at.h3;
     if (W0 != NULL) {
         if (W2 != NULL) R2 = S;
         else R1 = S;

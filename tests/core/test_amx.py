@@ -243,12 +243,20 @@ def test_threads_calling_at_once_get_their_own_results():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(96, 544, generator=g).bfloat16()
     inputs = [torch.randn(rows, 544, generator=g).bfloat16() for rows in (1, 7, 40, 130)] * 3
-    expected = [amx.linear(x, w) for x in inputs]
+    _same_in_threads(lambda x: amx.linear(x, w), inputs)
+
+
+def _same_in_threads(compute, inputs: list[torch.Tensor]) -> None:
+    """``compute`` of each input in its own thread, five times over, all threads at once: each result
+    equals the one computed alone."""
+    with torch.no_grad():
+        expected = [compute(x) for x in inputs]
     results: dict[int, torch.Tensor] = {}
 
     def work(i: int) -> None:
-        for _ in range(5):
-            results[i] = amx.linear(inputs[i], w)
+        with torch.no_grad():
+            for _ in range(5):
+                results[i] = compute(inputs[i])
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
     for t in threads:
@@ -621,18 +629,4 @@ def test_threads_running_chains_at_once_get_their_own_results(dtype):
             x, project=(*o["dense"], residual), norm=o["norm"], first=o["up"], activation="gelu", second=o["down"]
         )
 
-    with torch.no_grad():
-        expected = [chain(x) for x in inputs]
-    results: dict[int, torch.Tensor] = {}
-
-    def work(i: int) -> None:
-        with torch.no_grad():
-            for _ in range(5):
-                results[i] = chain(inputs[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(results[i], expected[i]) for i in range(len(inputs)))
+    _same_in_threads(chain, inputs)
