@@ -50,6 +50,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     ]  # fmt: skip
     library.registry_chain_bf16.restype = ctypes.c_int
     library.registry_chain_bf16.argtypes = chains.ARGTYPES
+    library.registry_decode_bf16.restype = ctypes.c_int
+    library.registry_decode_bf16.argtypes = chains.DECODE_ARGTYPES
     return library
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -146,3 +146,109 @@ def call(
     code = ACTIVATION_CODES[activation]
     if function(*arguments(x, project, norm, first, code, second, residual, y, then, torch.get_num_threads())):
         raise MemoryError(f"{kernel} could not allocate its scratch memory")
+
+
+# -- a whole decode step ----------------------------------------------------------------------------
+
+
+_DECODE_POINTERS = ("norm_w", "norm_b", "qkv_w", "qkv_b", "dense_w", "dense_b", "post_w", "post_b", "up_w", "up_b",
+                    "down_w", "down_b", "keys", "values")  # fmt: skip
+
+
+class DecodeLayer(ctypes.Structure):
+    """One block of :func:`run_decode_step`, as the C struct ``decode_layer`` (amx_linear.c) lays it out."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in _DECODE_POINTERS] + [
+        ("norm_eps", ctypes.c_float),
+        ("post_eps", ctypes.c_float),
+    ]
+
+
+DECODE_ARGTYPES: list[Any] = [
+    ctypes.POINTER(DecodeLayer), _integer, _pointer,  # layers, L, X
+    _integer, _integer, _integer, _integer, _integer,  # M, C, F, H, D
+    ctypes.c_int, _integer, _integer, _integer, _integer,  # act, head_stride, q/k/v offsets
+    _integer, _integer, _integer, _integer,  # sb, sh, sp, position
+    _pointer, _pointer, _integer, _pointer, _integer,  # slopes, key_pos, ld_pos, valid, ld_valid
+    _value, _pointer, _pointer, _pointer, _integer,  # scale, qkv, att, scores, ld_scores
+    ctypes.c_int,  # threads
+]  # fmt: skip
+
+
+class DecodeBlock(NamedTuple):
+    """A pre-LayerNorm block's operands for :func:`run_decode_step`, and its layer's cache buffers."""
+
+    norm: Norm  # the input LayerNorm
+    qkv: Layer  # the query-key-value projection, 3C x C
+    dense: Layer  # the attention's output projection, C x C
+    post_norm: Norm  # the post-attention LayerNorm
+    up: Layer  # F x C
+    down: Layer  # C x F
+    keys: Tensor  # (B, H, capacity, D)
+    values: Tensor
+
+
+def run_decode_step(
+    x: Tensor,
+    blocks: list[DecodeBlock],
+    *,
+    heads: int,
+    layout: tuple[int, int, int, int],
+    activation: str,
+    position: int,
+    scale: float,
+    slopes: Tensor | None = None,
+    key_positions: Tensor | None = None,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """A decode step of pre-LayerNorm blocks in one call of the AMX kernel (bfloat16): for each block, its
+    input LayerNorm and query-key-value projection; the new token's key and value written into the
+    block's cache buffers at ``position``; its attention over positions 0 .. ``position`` (scores and
+    softmax in float32, the bias and mask added as a bfloat16 value per key, as SDPA does with an additive
+    mask); the output projection and residual; the post-attention LayerNorm; the MLP and its residual.
+    Returns the last block's output; nothing returns to the interpreter between the blocks.
+
+    ``layout`` = (head stride, query, key, value offsets): where head h's query, key and value lie in a
+    row of the projection. ``slopes`` (heads,) float32 with ``key_positions`` (rows, position + 1) float32:
+    the ALiBi bias ``slopes[h] * key_positions[b, j]``, rounded to bfloat16. ``valid`` (rows, position + 1)
+    uint8: 1 where a key may be attended to (none: all).
+
+    Without checks (:func:`registry.fused.decode_step` makes them): x is (rows, C) bfloat16, contiguous;
+    weights contiguous, C, F and 3C multiples of 32, the head size a multiple of 32 up to 256; every
+    cache buffer bfloat16 with the same strides, the head size contiguous, room past ``position``."""
+    from registry import amx
+
+    rows, width = x.shape
+    function = amx._library.registry_decode_bf16  # type: ignore[union-attr]
+    first = blocks[0]
+    hidden, head_dim = first.up[0].shape[0], first.keys.shape[3]
+    layers = (DecodeLayer * len(blocks))()
+    for slot, block in zip(layers, blocks, strict=True):
+        pointers = (block.norm[0], block.norm[1], *block.qkv, *block.dense, block.post_norm[0], block.post_norm[1],
+                    *block.up, *block.down, block.keys, block.values)  # fmt: skip
+        for name, tensor in zip(_DECODE_POINTERS, pointers, strict=True):
+            setattr(slot, name, None if tensor is None else tensor.data_ptr())
+        slot.norm_eps, slot.post_eps = block.norm[2], block.post_norm[2]
+    threads = torch.get_num_threads()
+    y = x.clone()
+    qkv = torch.empty(rows, 3 * width, dtype=x.dtype)
+    att = torch.empty(rows, width, dtype=x.dtype)
+    ld_scores = (position + 17 + 15) // 16 * 16
+    scores = torch.empty(threads, ld_scores, dtype=torch.float32)
+    sb, sh, sp, _ = first.keys.stride()
+    scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if torch.autograd.profiler._is_profiler_enabled:
+        scope = torch.profiler.record_function(f"registry.amx.decode_step {rows} rows {len(blocks)} blocks")
+    with scope:
+        failed = function(
+            layers, len(blocks), y.data_ptr(), rows, width, hidden, heads, head_dim,
+            ACTIVATION_CODES[activation], *layout, sb, sh, sp, position,
+            None if slopes is None else slopes.data_ptr(),
+            None if key_positions is None else key_positions.data_ptr(),
+            0 if key_positions is None else key_positions.stride(0),
+            None if valid is None else valid.data_ptr(), 0 if valid is None else valid.stride(0),
+            scale, qkv.data_ptr(), att.data_ptr(), scores.data_ptr(), ld_scores, threads,
+        )  # fmt: skip
+    if failed:
+        raise MemoryError("the amx kernel could not allocate its scratch memory")
+    return y

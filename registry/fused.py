@@ -45,7 +45,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -228,10 +228,12 @@ def _amx_linear(
 
 def _kernel_operand(layer: nn.Linear, in_features: int, dtype: torch.dtype = torch.bfloat16) -> chains.Layer | None:
     """The layer's (weight, bias) if a kernel reads them as they lie: ``dtype`` on the CPU, weight rows
-    of ``in_features`` contiguous values, a contiguous bias."""
+    of ``in_features`` contiguous values, a contiguous bias; and no forward hooks on it (it runs as a
+    module then, see :func:`linear`)."""
     weight, bias = layer.weight, layer.bias
     if (
-        weight.dtype is not dtype
+        has_forward_hooks(layer)
+        or weight.dtype is not dtype
         or not weight.is_cpu
         or weight.shape[1] != in_features
         or weight.stride(1) != 1
@@ -570,6 +572,21 @@ def _plain(
     return y if residual is None else y.add_(residual)
 
 
+def _as_modules(
+    x: Tensor,
+    group: Sequence[nn.Linear],
+    activation: str | None,
+    residual: Tensor | None,
+    reference_activation: Callable[[Tensor], Tensor] | None,
+) -> Tensor:
+    """The layers called as modules (their forward hooks run, as in the reference), then the activation
+    (the reference's, where given) and the residual as separate operations."""
+    y = group[0](x) if len(group) == 1 else torch.cat([layer(x) for layer in group], dim=-1)
+    if activation is not None:
+        y = (reference_activation or ACTIVATIONS[activation])(y)
+    return y if residual is None else y + residual
+
+
 def linear(
     x: Tensor,
     layers: nn.Linear | Sequence[nn.Linear],
@@ -606,6 +623,8 @@ def linear(
     group: Sequence[nn.Linear] = (layers,) if isinstance(layers, nn.Linear) else tuple(layers)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
+    if any(has_forward_hooks(layer) for layer in group):
+        return _as_modules(x if norm is None else norm(x), group, activation, residual, reference_activation)
     if norm is not None:
         if len(group) == 1:
             chained = _kernel_chain(x, norm=norm, first=group[0], activation=activation, residual=residual)
@@ -735,3 +754,102 @@ def attention_output_and_mlp(
     s = linear(attention, dense, residual=residual)
     y = mlp(s, up, down, activation=activation, residual=s, norm=norm, reference_activation=reference_activation)
     return y, None if then is None else linear(y, then[1], norm=then[0])
+
+
+class PreNormBlock(NamedTuple):
+    """The modules of a pre-LayerNorm decoder block that :func:`decode_step` runs."""
+
+    norm: nn.LayerNorm  # the input LayerNorm
+    qkv: nn.Linear  # the query-key-value projection (3C x C)
+    dense: nn.Linear  # the attention's output projection
+    post_norm: nn.LayerNorm  # the post-attention LayerNorm
+    up: nn.Linear
+    down: nn.Linear
+
+
+def decode_step(
+    x: Tensor,
+    blocks: Sequence[PreNormBlock],
+    slots: Sequence[tuple[Tensor, Tensor]],
+    *,
+    heads: int,
+    layout: tuple[int, int, int, int],
+    activation: str,
+    position: int,
+    scale: float,
+    slopes: Tensor | None = None,
+    key_positions: Tensor | None = None,
+    key_padding: Tensor | None = None,
+) -> Tensor | None:
+    """A decode step of pre-LayerNorm blocks, attention included, in one kernel call
+    (:func:`registry.chains.run_decode_step`): x (rows, C), the new tokens' hidden states after the
+    embeddings; returns the last block's output, or None where the kernel does not take the step (nothing
+    is written then). ``slots``: each block's cache buffers (``KVCache.reserve``), ``position`` the slot
+    of the new token; ``slopes``/``key_positions``: an ALiBi bias; ``key_padding`` (rows, >= position + 1)
+    bool: False where a key is padding.
+
+    It takes the step in bfloat16 on the AMX kernel, autograd off, where every operand is one the kernel
+    reads as it lies (see :func:`_kernel_operand`, :func:`_kernel_norm`: a LayerNorm with forward hooks
+    refuses), the widths are multiples of 32 and the head size is 32 to 256."""
+    if not blocks or len(slots) != len(blocks) or x.dim() != 2 or x.dtype is not torch.bfloat16:
+        return None
+    if _chain_kernel(x) != amx.K_MULTIPLE:
+        return None
+    rows, width = x.shape
+    head_dim = width // heads if heads > 0 else 0
+    if width % 32 or head_dim * heads != width or head_dim % 32 or head_dim > 256:
+        return None
+    stride, *offsets = layout
+    if min(stride, *offsets) < 0 or (heads - 1) * stride + max(offsets) + head_dim > 3 * width:
+        return None
+    operands: list[chains.DecodeBlock] = []
+    hidden = None
+    for block, (keys, values) in zip(blocks, slots, strict=True):
+        norm, post = _kernel_norm(block.norm, width, x.dtype), _kernel_norm(block.post_norm, width, x.dtype)
+        qkv, dense = _kernel_operand(block.qkv, width), _kernel_operand(block.dense, width)
+        up = _kernel_operand(block.up, width)
+        hidden = hidden if hidden is not None else (up[0].shape[0] if up is not None else 0)
+        down = _kernel_operand(block.down, hidden) if hidden % 32 == 0 else None
+        if norm is None or post is None or qkv is None or dense is None or up is None or down is None:
+            return None
+        shapes = (qkv[0].shape[0], dense[0].shape[0], up[0].shape[0], down[0].shape[0])
+        if shapes != (3 * width, width, hidden, width):
+            return None
+        if any(weight.stride(0) != weight.shape[1] for weight, _ in (qkv, dense, up, down)):
+            return None
+        if not all(_cache_buffer(t, rows, heads, head_dim, position, slots[0][0]) for t in (keys, values)):
+            return None
+        operands.append(chains.DecodeBlock(norm, qkv, dense, post, up, down, keys, values))
+    n = position + 1
+    if slopes is not None:
+        if key_positions is None or slopes.shape != (heads,) or key_positions.shape[:1] != (rows,):
+            return None
+        if key_positions.dim() != 2 or key_positions.shape[1] < n:
+            return None
+        slopes = slopes.to(torch.float32).contiguous()
+        key_positions = key_positions[:, :n].to(torch.float32).contiguous()
+    valid = None
+    if key_padding is not None:
+        if key_padding.shape[0] != rows or key_padding.shape[1] < n:
+            return None
+        valid = key_padding[:, :n].to(torch.uint8).contiguous()
+    return chains.run_decode_step(
+        x.contiguous(), operands, heads=heads, layout=layout, activation=activation, position=position,
+        scale=scale, slopes=slopes, key_positions=key_positions if slopes is not None else None, valid=valid,
+    )  # fmt: skip
+
+
+def _cache_buffer(t: Tensor, rows: int, heads: int, head_dim: int, position: int, first: Tensor) -> bool:
+    """Whether the kernel writes and reads ``t`` as a layer's cache buffer: bfloat16 on the CPU, (rows, heads,
+    capacity > position, head_dim) with contiguous head vectors and the strides of the first layer's."""
+    return (
+        t.dtype is torch.bfloat16
+        and t.is_cpu
+        and t.dim() == 4
+        and t.shape[0] == rows
+        and t.shape[1] == heads
+        and t.shape[2] > position
+        and t.shape[3] == head_dim
+        and t.stride(3) == 1
+        and t.stride() == first.stride()
+    )

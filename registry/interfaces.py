@@ -54,6 +54,11 @@ class AttentionCapabilities:
         backward: whether gradients flow through it.
         graph_capture: whether a call can be captured in a CUDA graph (no host syncs, no allocation
             that depends on values).
+        fused_decode: whether a family may compute this backend's attention for a decode step inside its
+            own kernel, with the rest of the step (see ``FamilyCapabilities.fused_decode``): the backend
+            declares that what it computes is plain softmax attention (scaled scores plus the additive
+            bias and mask, softmax, times the values), so that another kernel computing it is the same
+            function up to rounding.
         priority: higher wins when a slot is ``auto``.
     """
 
@@ -66,6 +71,7 @@ class AttentionCapabilities:
     attention_weights: bool = False
     backward: bool = True
     graph_capture: bool = False
+    fused_decode: bool = False
     priority: int = 0
 
 
@@ -132,11 +138,14 @@ class FamilyCapabilities:
         head_parts: parts heads may ask for: "lm-projection", "last-token-summary", "pooler".
         causal: whether the family is a decoder (causal self-attention, KV cache).
         position_effects: position effects its blocks apply ("embedding", "bias", "rotary").
+        fused_decode: whether its decode steps can run as one kernel call, attention included, where the
+            attention backend allows it (``AttentionCapabilities.fused_decode``).
     """
 
     head_parts: frozenset[str] = frozenset()
     causal: bool = False
     position_effects: frozenset[str] = frozenset({"embedding", "bias", "rotary"})
+    fused_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -415,6 +424,18 @@ class KVCache(abc.ABC):
     def reorder(self, index: Tensor) -> None:
         """Keep only the batch rows in ``index`` (beam search, finished rows)."""
         raise NotImplementedError(f"{type(self).__name__} cannot reorder its batch")
+
+    def reserve(self, new_tokens: int) -> list[tuple[Tensor, Tensor]] | None:
+        """Room for a kernel to write ``new_tokens`` more tokens itself (a fused decode step): each layer's
+        (keys, values) buffers, (B, H, capacity, D) with capacity >= get_seq_length() + new_tokens, the
+        tokens so far in their first positions, every layer holding as many. The kernel writes positions
+        get_seq_length() onwards, then the caller calls :meth:`commit`; until then the cache's tokens are
+        unchanged. None: this cache does not hand out its buffers (the default; callers use :meth:`update`)."""
+        return None
+
+    def commit(self, new_tokens: int) -> None:
+        """Count the ``new_tokens`` a kernel wrote into the buffers :meth:`reserve` gave, in every layer."""
+        raise NotImplementedError(f"{type(self).__name__} does not hand out its buffers (reserve() is None)")
 
 
 class EncoderDecoderCache(KVCache):

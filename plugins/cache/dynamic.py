@@ -69,6 +69,30 @@ class DynamicCache(KVCache):
     def get_seq_length(self, layer: int = 0) -> int:
         return self._lengths[layer]
 
+    def reserve(self, new_tokens: int) -> list[tuple[Tensor, Tensor]] | None:
+        """Each layer's buffers with room for ``new_tokens`` more (grown as :meth:`update` grows them); None
+        before every layer holds tokens, or while the layers hold different numbers."""
+        length = self._lengths[0] if self._lengths else 0
+        if not length or any(n != length for n in self._lengths):
+            return None
+        end = length + new_tokens
+        slots = []
+        for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            if keys is None or values is None:
+                return None
+            if end > keys.shape[2]:
+                expected = self.expected_length or 0
+                keys, values = _grown(keys, keys, length, end, expected), _grown(values, values, length, end, expected)
+                self._keys[layer], self._values[layer] = keys, values
+            slots.append((keys, values))
+        return slots
+
+    def commit(self, new_tokens: int) -> None:
+        capacity = min((k.shape[2] for k in self._keys if k is not None), default=0)
+        if any(n + new_tokens > capacity for n in self._lengths):
+            raise ValueError(f"commit({new_tokens}) without the room reserve({new_tokens}) makes")
+        self._lengths = [n + new_tokens for n in self._lengths]
+
     def reorder(self, index: Tensor) -> None:
         self._keys = [None if k is None else k.index_select(0, index) for k in self._keys]
         self._values = [None if v is None else v.index_select(0, index) for v in self._values]

@@ -65,6 +65,18 @@ class StaticCache(KVCache):
     def get_seq_length(self, layer: int = 0) -> int:
         return self.lengths[layer]
 
+    def reserve(self, new_tokens: int) -> list[tuple[Tensor, Tensor]] | None:
+        """The buffers themselves (they never move); None while the layers hold different numbers of
+        tokens. CacheOverflowError where ``new_tokens`` more do not fit, as in :meth:`update`."""
+        if any(n != self.lengths[0] for n in self.lengths):
+            return None
+        self.key_length(new_tokens)  # raises CacheOverflowError past the capacity
+        return list(zip(self.keys, self.values, strict=True))
+
+    def commit(self, new_tokens: int) -> None:
+        self.key_length(new_tokens)
+        self.lengths = [n + new_tokens for n in self.lengths]
+
     def key_length(self, new_tokens: int) -> int:
         needed = self.get_seq_length() + new_tokens
         if needed > self._capacity:

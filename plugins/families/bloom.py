@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,8 +18,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.errors import InputError
-from registry.fused import attention_output_and_mlp, has_forward_hooks, linear, mlp, project
+from registry.fused import PreNormBlock, attention_output_and_mlp, decode_step, has_forward_hooks, linear, mlp, project
 from registry.interfaces import (
+    AlibiBias,
     AttentionBackend,
     BackboneOutput,
     BuildContext,
@@ -274,9 +275,11 @@ class BloomBlock(nn.Module):
 
     def takes_projection(self) -> bool:
         """Whether this block takes its query-key-value projection from the block before: it uses it as
-        computed (pre-LayerNorm, fusable) and nothing may change its input first (no forward hooks on
-        the block; the block before checks its own)."""
-        return not self.post_ln_residual and self._fusable() and not has_forward_hooks(self)
+        computed (pre-LayerNorm, fusable) and nothing may change its input first or watch the projection
+        being computed (no forward hooks on the block, its input LayerNorm or its projection; the block
+        before checks its own)."""
+        own = (self, self.input_layernorm, self.self_attention.query_key_value)  # what computes the projection
+        return not self.post_ln_residual and self._fusable() and not any(has_forward_hooks(m) for m in own)
 
 
 class Handoff:
@@ -368,6 +371,10 @@ class BloomModel(nn.Module):
         all_weights: list[Tensor] = []
         handoff = Handoff()  # a block's query-key-value projection, where the block before computed it
         blocks = list(self.h)
+        if T == 1 and cache is not None and not (output_hidden_states or output_attentions):
+            fused = self._fused_decode(x, cache, biases, rotate, key_padding, past)
+            if fused is not None:
+                x, blocks = fused, []  # every block ran in the kernel
         for i, block in enumerate(blocks):
             if output_hidden_states:
                 all_hidden.append(x)
@@ -397,8 +404,69 @@ class BloomModel(nn.Module):
             attentions=tuple(all_weights) if output_attentions else None,
         )
 
+    # -- head parts -----------------------------------------------------------------------------------
 
-# -- head parts -----------------------------------------------------------------------------------
+    def _fused_decode(
+        self,
+        x: Tensor,
+        cache: KVCache,
+        biases: Sequence[ScoreBias | None],
+        rotate: Callable[..., Any] | None,
+        key_padding: Tensor | None,
+        past: int,
+    ) -> Tensor | None:
+        """A decode step's blocks in one kernel call (:func:`registry.fused.decode_step`), where the chosen
+        attention backend allows it (``fused_decode``: the ``fused-decode`` plugin) and nothing needs them
+        to run one by one: blocks of this family, pre-LayerNorm, in eval mode, with no tensor-parallel
+        slices and no forward hooks on a block or anything in it; no rotation; an ALiBi bias or none; a
+        cache that hands out its buffers (``KVCache.reserve``). Returns the last block's output, or None
+        (then the blocks run as modules)."""
+        blocks = list(self.h)
+        if not blocks or rotate is not None or not all(isinstance(b, BloomBlock) for b in blocks):
+            return None
+        backend = blocks[0].self_attention.backend
+        if not backend.capabilities.fused_decode:
+            return None
+        for block in blocks:
+            if block.training or not block.takes_projection() or any(has_forward_hooks(m) for m in block.modules()):
+                return None
+        bias = biases[0]
+        if any(b is not bias for b in biases) or not (bias is None or isinstance(bias, AlibiBias)):
+            return None
+        slots = cache.reserve(1)
+        if slots is None or len(slots) != len(blocks):
+            return None
+        first = blocks[0].self_attention
+        heads, head_dim = first.num_heads, first.head_dim
+        modules = [
+            PreNormBlock(
+                b.input_layernorm,
+                b.self_attention.query_key_value,
+                b.self_attention.dense,
+                b.post_attention_layernorm,
+                b.mlp.dense_h_to_4h,
+                b.mlp.dense_4h_to_h,
+            )  # fmt: skip
+            for b in blocks
+        ]
+        B, _, C = x.shape
+        y = decode_step(
+            x.view(B, C),
+            modules,
+            slots,
+            heads=heads,
+            layout=(3 * head_dim, 0, head_dim, 2 * head_dim),  # the fused projection's (H, 3, D) per row
+            activation="gelu_tanh",
+            position=past,
+            scale=first.scale,
+            slopes=None if bias is None else bias.slopes,
+            key_positions=None if bias is None else bias.key_positions,
+            key_padding=key_padding,
+        )
+        if y is None:
+            return None
+        cache.commit(1)
+        return y.view(B, 1, C)
 
 
 class TiedProjection(nn.Module):
@@ -442,6 +510,7 @@ class BloomFamily(Family):
     capabilities = FamilyCapabilities(
         head_parts=frozenset({"lm-projection", "sequence-summary"}),
         causal=True,
+        fused_decode=True,
     )
     config_class = BloomConfig
     base_prefix = "transformer"

@@ -11,12 +11,14 @@
    Built by registry/amx.py with gcc on first use; see docs/architecture.md. */
 #include <cpuid.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "decode_attention.h"
 #include "scratch.h"
 #include "vector_math.h"
 
@@ -425,6 +427,74 @@ int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_
         if (W3 != NULL) {
             layer_norm_rows(Y, M, NY, NY, gamma3, beta3, eps3, H3, NY);
             product(H3, M, NY, W3, N3, NY, ldw3, &e3, XT);
+        }
+        _mm_setcsr(caller_csr);
+    }
+    return 0;
+}
+
+/* One block's parameters and cache buffers for registry_decode_bf16 (registry/chains.py mirrors it) */
+typedef struct {
+    const uint16_t *norm_w, *norm_b, *qkv_w, *qkv_b, *dense_w, *dense_b, *post_w, *post_b, *up_w, *up_b, *down_w,
+        *down_b;
+    uint16_t *keys, *values;
+    float norm_eps, post_eps;
+} decode_layer;
+
+/* A decode step of a pre-LayerNorm decoder's L blocks in one parallel region: for each block,
+     Q, K, V = LayerNorm(X) Wqkv^T + bqkv          (the block's input LayerNorm and projection)
+     A = attention of Q over the cache, K and V written into it first (decode_attention.h)
+     S = A Wdense^T + bdense + X
+     X = act(LayerNorm(S) Wup^T + bup) Wdown^T + bdown + S
+   X (M x C, contiguous) is the step's input (after the embeddings) and, on return, the last block's
+   output. C, F = Wup's rows and K = 3C as the projection's width must be multiples of 32; weights contiguous.
+   Head h's query, key and value are at h * head_stride + q/k/v_offset of a projection row; the cache,
+   layer by layer, at b * sb + h * sh + position * sp. qkv (M x 3C), att (M x C) and scores (ld_scores
+   floats per thread, at least position + 17) are the caller's. Returns 0, or -1 if the scratch memory could
+   not be allocated (nothing written). */
+int registry_decode_bf16(const decode_layer* layers, int64_t L, uint16_t* X, int64_t M, int64_t C, int64_t F,
+                         int64_t H, int64_t D, int act, int64_t head_stride, int64_t q_offset, int64_t k_offset,
+                         int64_t v_offset, int64_t sb, int64_t sh, int64_t sp, int64_t position, const float* slopes,
+                         const float* key_pos, int64_t ld_pos, const uint8_t* valid, int64_t ld_valid, float scale,
+                         uint16_t* qkv, uint16_t* att, float* scores, int64_t ld_scores, int threads) {
+    const int64_t C3 = 3 * C;
+    uint32_t* const XT = M == 1 ? NULL : packed_rows(F > C ? F : C);
+    const chain_layout at = chain_scratch(M, 1, C, 1, C, 1, F, 1, C);
+    uint16_t* const between = between_buffer(at.total);
+    if ((M > 1 && XT == NULL) || between == NULL) return -1;
+    uint16_t *const S = between + at.s, *const Hn = between + at.h, *const Y1 = between + at.y1;
+    uint16_t* const H3 = between + at.h3;
+    const decode_attention shared = {qkv, C3, head_stride, q_offset, k_offset, v_offset, NULL, NULL, sb, sh, sp,
+                                     position, slopes, key_pos, ld_pos, valid, ld_valid, scale, att, C};
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        const unsigned int caller_csr = _mm_getcsr(); /* as in registry_linear_bf16 */
+        _mm_setcsr(caller_csr | 0x8040);
+        float* const my_scores = scores + omp_get_thread_num() * ld_scores;
+        for (int64_t l = 0; l < L; l++) {
+            const decode_layer* const y = &layers[l];
+            if (l == 0) { /* later blocks' projections are computed at the end of the block before */
+                const epilogue_args eq = {y->qkv_b, NULL, 0, qkv, C3, ACT_NONE};
+                layer_norm_rows(X, M, C, C, y->norm_w, y->norm_b, y->norm_eps, H3, C);
+                product(H3, M, C, y->qkv_w, C3, C, C, &eq, XT);
+            }
+            decode_attention a = shared;
+            a.keys = y->keys;
+            a.values = y->values;
+            #pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < M * H; bh++) attend_one(&a, bh / H, bh % H, D, my_scores);
+            const epilogue_args e0 = {y->dense_b, X, C, S, C, ACT_NONE}, e1 = {y->up_b, NULL, 0, Y1, F, act},
+                                e2 = {y->down_b, S, C, X, C, ACT_NONE};
+            product(att, M, C, y->dense_w, C, C, C, &e0, XT);
+            layer_norm_rows(S, M, C, C, y->post_w, y->post_b, y->post_eps, Hn, C);
+            product(Hn, M, C, y->up_w, F, C, C, &e1, XT);
+            product(Y1, M, F, y->down_w, C, F, F, &e2, XT);
+            if (l + 1 < L) {
+                const decode_layer* const z = &layers[l + 1];
+                const epilogue_args eq = {z->qkv_b, NULL, 0, qkv, C3, ACT_NONE};
+                layer_norm_rows(X, M, C, C, z->norm_w, z->norm_b, z->norm_eps, H3, C);
+                product(H3, M, C, z->qkv_w, C3, C, C, &eq, XT);
+            }
         }
         _mm_setcsr(caller_csr);
     }

@@ -179,3 +179,30 @@ def test_a_block_replaced_by_a_wrapper_runs_as_it_is_called(reference_checkpoint
         got = model(input_ids=ids, attention_mask=mask).logits
     assert handed == [False, False]
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_hooks_on_linear_layers_run_and_change_what_they_return(reference_checkpoint, dtype):
+    ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    ours = registry.from_pretrained(folder, dtype=dtype)
+    reference = type(ref).from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    ids, mask = left_padded_batch(length=7)
+    seen = []
+
+    def halve(module, args, output):
+        seen.append(module)
+        return output * 0.5
+
+    for model in (ours, reference):  # the last block's qkv is projected by the block before it, unhooked
+        h = model.backbone.h if model is ours else model.transformer.h
+        for layer in (h[1].self_attention.query_key_value, h[0].mlp.dense_4h_to_h):
+            layer.register_forward_hook(halve)
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=mask).logits.float()
+        assert len(seen) == 2
+        expected = reference(input_ids=ids, attention_mask=mask).logits.float()
+        exact = ref(input_ids=ids, attention_mask=mask).logits  # unhooked
+    real = mask.bool()
+    change = (expected - exact)[real].abs().max()
+    assert change > 0.5  # the hooks change the logits
+    assert (got - expected)[real].abs().max() <= (1e-5 if dtype == "float32" else 0.05 * change)

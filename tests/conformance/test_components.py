@@ -36,27 +36,38 @@ def _batch():
     return ids.masked_fill(mask == 0, 0), mask
 
 
+# each plugin is tested in the first of these dtypes its selection accepts on this machine (float32 where
+# it can: tight tolerances), against the eager path in the same dtype
+DTYPES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
+
+
 def _pair(slot: str, name: str, **overrides):
-    """(candidate model, eager reference model) on the same weights, or skip if selection refuses."""
-    report = registry.explain("bloom-560m", **SMALL, **{slot: name}, **overrides)
-    choice = report["slots"][slot]
-    if choice["chosen"] != name:
-        pytest.skip(f"{slot} '{name}' does not fit a CPU fp32 BLOOM: {choice['reason']}")
-    candidate = registry.build("bloom-560m", **SMALL, **{slot: name}, **overrides)
-    reference = registry.build("bloom-560m", **SMALL, attention="eager", **overrides)
+    """(candidate model, eager reference model, tolerances) on the same weights, in the first dtype the
+    selection accepts the candidate in; skip if it refuses every one."""
+    reasons = []
+    for dtype in DTYPES:
+        report = registry.explain("bloom-560m", **SMALL, **{slot: name}, dtype=dtype, **overrides)
+        choice = report["slots"][slot]
+        if choice["chosen"] == name:
+            break
+        reasons.append(f"{dtype}: {choice['reason']}")
+    else:
+        pytest.skip(f"{slot} '{name}' does not fit a CPU BLOOM: {'; '.join(reasons)}")
+    candidate = registry.build("bloom-560m", **SMALL, **{slot: name}, dtype=dtype, **overrides).eval()
+    reference = registry.build("bloom-560m", **SMALL, attention="eager", dtype=dtype, **overrides).eval()
     reference.load_state_dict(candidate.state_dict())
-    return candidate, reference
+    return candidate, reference, DTYPES[dtype]
 
 
 @pytest.mark.parametrize("name", _usable("attention"))
 def test_attention_matches_eager_with_padding_and_cache(name):
-    model, reference = _pair("attention", name)
+    model, reference, tolerance = _pair("attention", name)
     ids, mask = _batch()
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask).logits
         got = model(input_ids=ids, attention_mask=mask).logits
         real = mask.bool()
-        torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[real], expected[real], **tolerance)
         out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
         steps = [out.logits]
         for t in range(5, 8):
@@ -64,18 +75,19 @@ def test_attention_matches_eager_with_padding_and_cache(name):
                 input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values
             )
             steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1)[real], expected[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, 1)[real], expected[real], **tolerance)
 
 
 @pytest.mark.parametrize("name", _usable("attention"))
 def test_attention_capabilities_are_honest(name):
     backend = default_catalog().get("attention", name)
     caps = backend.capabilities
-    q = torch.randn(1, 2, 3, 8)
     from registry.interfaces import Mask
 
-    if "cpu" not in caps.devices or "float32" not in caps.dtypes:
-        pytest.skip(f"'{name}' does not run on CPU fp32")
+    dtypes = [dtype for dtype in DTYPES if str(dtype).removeprefix("torch.") in caps.dtypes]
+    if "cpu" not in caps.devices or not dtypes:
+        pytest.skip(f"'{name}' runs on no CPU dtype of {', '.join(map(str, DTYPES))}")
+    q = torch.randn(1, 2, 3, 8, dtype=dtypes[0])
     out = backend(
         q, q, q, mask=Mask(q_len=3, k_len=3, causal=True), bias=None, scale=0.5, need_weights=caps.attention_weights
     )
@@ -85,7 +97,7 @@ def test_attention_capabilities_are_honest(name):
 
 @pytest.mark.parametrize("name", _usable("cache"))
 def test_cache_decoding_equals_the_uncached_forward(name):
-    model, _ = _pair("cache", name)
+    model, _, _ = _pair("cache", name)
     ids, mask = _batch()
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -1,0 +1,43 @@
+"""Fused-decode attention: SDPA for prompts, and a decode step's attention computed inside one kernel call
+with the rest of the step, where the family runs whole decode steps that way (BLOOM on the AMX kernel:
+see :func:`registry.fused.decode_step`).
+
+The backend itself is SDPA (:mod:`plugins.attention.sdpa`): a prompt, and any step the fused kernel does not
+take, run as there. It declares ``fused_decode``, which lets a family compute its attention in the decode
+step's kernel: the same function (softmax of the scaled scores plus the bias and mask, times the values),
+rounded once per step instead of once per operation. Selecting it is the switch: ``sdpa`` never fuses,
+so the two can be A/B tested on the same weights. It accepts only what the fused step can serve (a CPU
+with the AMX kernel, bfloat16, a family that fuses its decode steps); elsewhere it is refused with the
+reason, and ``auto`` picks another backend.
+"""
+
+from __future__ import annotations
+
+from plugins.attention.sdpa import SdpaAttention
+from registry import amx
+from registry.interfaces import AttentionCapabilities, SelectionContext
+
+
+class FusedDecodeAttention(SdpaAttention):
+    name = "fused-decode"
+    capabilities = AttentionCapabilities(
+        devices=frozenset({"cpu"}),
+        dtypes=frozenset({"bfloat16"}),
+        bias_kinds=frozenset({"alibi", "tensor", "query-key"}),
+        attention_weights=False,
+        backward=True,
+        fused_decode=True,
+        priority=20,
+    )
+
+    def refusals(self, context: SelectionContext) -> list[str]:
+        reasons = []
+        if not context.family_capabilities.fused_decode:
+            reasons.append(f"family '{context.family}' does not run its decode steps as one kernel call")
+        kernel = amx.status()
+        if not kernel.ready:
+            reasons.append(f"needs the AMX kernel, which is not used here: {kernel.reason}")
+        return reasons
+
+
+fused_decode = FusedDecodeAttention()

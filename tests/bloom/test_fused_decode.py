@@ -1,0 +1,177 @@
+"""Attention 'fused-decode': a bfloat16 decode step of BLOOM's blocks in one kernel call, attention and cache
+writes included (registry.fused.decode_step), against the module path ('sdpa') and the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import registry
+from registry import amx, chains
+from registry.errors import CacheOverflowError, IncompatibleComponentsError
+from registry.interfaces import KVCache
+
+from .conftest import PAD, left_padded_batch
+
+needs_amx = pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
+
+
+def _models(folder, cache: str = "dynamic"):
+    fused = registry.from_pretrained(folder, dtype="bfloat16", attention="fused-decode", cache=cache)
+    plain = registry.from_pretrained(folder, dtype="bfloat16", attention="sdpa", cache=cache)
+    return fused, plain
+
+
+def _count_steps(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = chains.run_decode_step
+    monkeypatch.setattr(chains, "run_decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _decode(model, ids, mask, tokens, cache=None):
+    """Logits of the prompt's last position and of each decode step feeding ``tokens`` (batch, steps)."""
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for step in range(tokens.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(input_ids=tokens[:, step : step + 1], attention_mask=mask, past_key_values=out.past_key_values)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1).float()
+
+
+def _truth(ref, folder, ids, mask, tokens):
+    """The reference's last-position logits over the same growing sequences, uncached: (float32, bfloat16)."""
+    bf16 = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    result = []
+    for model in (ref, bf16):
+        rows = []
+        for step in range(tokens.shape[1] + 1):
+            full = torch.cat([ids, tokens[:, :step]], 1)
+            full_mask = torch.cat([mask, torch.ones_like(tokens[:, :step])], 1)
+            rows.append(model(input_ids=full, attention_mask=full_mask).logits[:, -1].float())
+        result.append(torch.stack(rows, 1))
+    return result
+
+
+@needs_amx
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decode_steps_run_as_one_kernel_call_each_with_the_module_path_s_numbers(
+    reference_checkpoint, monkeypatch, cache
+):
+    ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, plain = _models(folder, cache)
+    ids, mask = left_padded_batch(length=7)  # rows padded by 0, 2 and 4 tokens
+    tokens = torch.randint(4, 100, (3, 6), generator=torch.Generator().manual_seed(1))
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        new = (lambda m: m.new_cache(3, 7 + 6)) if cache == "static" else (lambda m: None)
+        got = _decode(fused, ids, mask, tokens, new(fused))
+        assert len(steps) == tokens.shape[1]  # every decode step, not the prompt
+        plain_logits = _decode(plain, ids, mask, tokens, new(plain))
+        assert len(steps) == tokens.shape[1]  # 'sdpa' never fuses: the two can be A/B tested
+        exact, reference = _truth(ref, folder, ids, mask, tokens)
+    # bfloat16 keeps 8 bits of mantissa: against the float32 truth, ours no worse than the reference
+    reference_error = (reference - exact).abs().max()
+    assert (got - exact).abs().max() <= 2 * reference_error + 1e-3
+    assert (got - plain_logits).abs().max() <= 2 * reference_error + 1e-3
+
+
+@needs_amx
+def test_greedy_generation_is_the_module_path_s_and_the_reference_s_tokens(reference_checkpoint, monkeypatch):
+    ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, plain = _models(folder)
+    reference = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids, mask = left_padded_batch(length=7)
+    steps = _count_steps(monkeypatch)
+    got = fused.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    assert len(steps) == 9  # the first new token comes from the prompt
+    expected = plain.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    with torch.no_grad():
+        theirs = reference.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD
+        )
+    assert torch.equal(got, expected)
+    assert torch.equal(got, theirs)
+
+
+@needs_amx
+def test_a_dynamic_cache_grows_inside_a_fused_step(reference_checkpoint, monkeypatch):
+    ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, _ = _models(folder)
+    ids = torch.randint(4, 100, (2, 62), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    tokens = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(3))
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        got = _decode(fused, ids, mask, tokens)  # the buffers hold 64 tokens: the third step grows them
+        assert len(steps) == 5
+        exact, reference = _truth(ref, folder, ids, mask, tokens)
+    assert (got - exact).abs().max() <= 2 * (reference - exact).abs().max() + 1e-3
+
+
+@needs_amx
+def test_past_a_static_cache_s_length_is_a_clear_error(reference_checkpoint):
+    _, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, _ = _models(folder, "static")
+    ids, mask = left_padded_batch(length=7)
+    cache = fused.new_cache(3, 8)
+    with torch.no_grad():
+        fused(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        step = torch.full((3, 1), 5)
+        fused(input_ids=step, attention_mask=torch.ones(3, 8, dtype=torch.long), past_key_values=cache)
+        with pytest.raises(CacheOverflowError, match="holds 8 tokens"):
+            fused(input_ids=step, attention_mask=torch.ones(3, 9, dtype=torch.long), past_key_values=cache)
+    assert cache.get_seq_length() == 8  # the refused step stored nothing
+
+
+class _Wrapped(KVCache):
+    """A cache that does not hand out its buffers (KVCache.reserve's default)."""
+
+    def __init__(self, inner: KVCache):
+        self.inner = inner
+
+    def update(self, layer, key, value):
+        return self.inner.update(layer, key, value)
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.inner.get_seq_length(layer)
+
+
+@needs_amx
+def test_steps_the_kernel_cannot_take_run_module_by_module(reference_checkpoint, monkeypatch):
+    _, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, _ = _models(folder)
+    ids, mask = left_padded_batch(length=7)
+    tokens = torch.randint(4, 100, (3, 3), generator=torch.Generator().manual_seed(4))
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        expected = _decode(fused, ids, mask, tokens)
+        assert len(steps) == 3
+        steps.clear()
+        # a cache that does not hand out its buffers
+        got = _decode(fused, ids, mask, tokens, _Wrapped(fused.new_cache(3, None)))
+        assert len(steps) == 0 and (got - expected).abs().max() <= 0.1  # logits up to ~5: a few bfloat16 steps
+        # hidden states asked for
+        out = fused(input_ids=ids, attention_mask=mask, use_cache=True)
+        step = fused(
+            input_ids=tokens[:, :1], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
+            past_key_values=out.past_key_values, output_hidden_states=True,
+        )  # fmt: skip
+        assert len(steps) == 0 and len(step.hidden_states) == 4
+        # a forward hook inside a block: it runs, on the module path
+        seen = []
+        handle = fused.backbone.h[1].mlp.dense_4h_to_h.register_forward_hook(lambda *args: seen.append(1))
+        got = _decode(fused, ids, mask, tokens)
+        handle.remove()
+        assert len(steps) == 0 and len(seen) == 4 and (got - expected).abs().max() <= 0.1
+
+
+def test_fused_decode_is_refused_where_it_cannot_serve_with_the_reason(monkeypatch):
+    with pytest.raises(IncompatibleComponentsError, match="bfloat16"):
+        registry.build("bloom-560m", n_layer=1, attention="fused-decode")  # float32
+    report = registry.explain("bert-base-uncased", num_hidden_layers=1, dtype="bfloat16", attention="fused-decode")
+    assert "does not run its decode steps as one kernel call" in report["slots"]["attention"]["reason"]
+    monkeypatch.setattr(amx, "status", lambda: amx.Status(False, "switched off for this test"))
+    with pytest.raises(IncompatibleComponentsError, match="switched off for this test"):
+        registry.build("bloom-560m", n_layer=1, dtype="bfloat16", attention="fused-decode")
