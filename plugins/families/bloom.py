@@ -521,8 +521,9 @@ class BloomFamily(Family):
         "token-classification": "BloomForTokenClassification",
         "question-answering": "BloomForQuestionAnswering",
     }
+    # no default attention: the accepted backend of highest priority ('fused-decode' where it can serve,
+    # a bfloat16 model on a CPU with the AMX kernel; else 'sdpa')
     defaults = {
-        "attention": "sdpa",
         "position": "alibi",
         "cache": "dynamic",
         "tokenizer": "byte-level-bpe",

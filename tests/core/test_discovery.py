@@ -167,7 +167,8 @@ def test_deny_and_allow_lists_by_api_and_environment(monkeypatch):
     assert records("attention")["sdpa"]["status"] == "blocked"
     model = registry.build("bloom-560m", n_layer=1, device="meta")
     assert model.manifest["components"]["attention"]["chosen"] == "eager"
-    assert "refused" in model.manifest["components"]["attention"]["reason"]
+    candidates = {c["name"]: c for c in model.manifest["components"]["attention"]["candidates"]}
+    assert not candidates["sdpa"]["accepted"] and "deny list" in candidates["sdpa"]["reasons"][0]
 
     registry.reset()
     monkeypatch.setenv("REGISTRY_DISABLE_PLUGIN_AUTOLOAD", "1")

@@ -37,7 +37,8 @@ def test_resolved_spec_and_manifest_record_every_choice():
     model = registry.build("bloom-560m", n_layer=1, device="meta")
     assert model.spec.components.attention == "sdpa"  # resolved, no longer auto
     components = model.manifest["components"]
-    assert components["attention"]["reason"].startswith("auto: family 'bloom' default")
+    assert components["attention"]["reason"].startswith("auto: highest priority of")
+    assert components["position"]["reason"].startswith("auto: family 'bloom' default")
     assert components["position"]["chosen"] == "alibi"
     assert components["attention"]["distribution"] == "registry-transformers"
     rebuilt = registry.build(model.spec, device="meta")  # the resolved spec rebuilds the same model
