@@ -10,7 +10,8 @@ Two measurements, reported in docs/benchmarks.md:
    shows whether the cost is a one-off refill (caches) or lasting (the core's state).
 2. One ``generate`` call (16-token prompt, 64 new tokens) with every AMX kernel call timed: the time in
    each call, named by its steps (a single projection, or a chain: "attention out + mlp + next qkv" is
-   one call from a block's attention output to the next block's query-key-value projection), and the
+   one call from a block's attention output to the next block's query-key-value projection; "decode
+   step" is every block of a step in one call, attention 'fused-decode'), and the
    time from the end of each call to the start of the next (what runs between: the cache writes and
    the attention after a qkv projection, the next step's set-up after the lm_head). Totals are per
    decode step, the prompt's calls excluded.
@@ -96,7 +97,7 @@ def step_anatomy(model: Any, batch: int, new_tokens: int) -> str:
     kernel: dict[str, float] = defaultdict(float)
     after: dict[str, float] = defaultdict(float)  # from a call's end to the next kernel call
     order: list[str] = []
-    call, chain = amx._call, chains.call
+    call, chain, step = amx._call, chains.call, chains.run_decode_step
     decoding = False  # from the end of the prompt's lm_head call on
     last_end, last_name = 0.0, ""
 
@@ -120,15 +121,20 @@ def step_anatomy(model: Any, batch: int, new_tokens: int) -> str:
         _, _, _, project, norm, first, _, second, _, _, then = (*args, None)[:11]
         timed(chain_name(project, norm, first, second, then, hidden), lambda: chain(*args))
 
+    def timed_step(*args: Any, **options: Any) -> torch.Tensor:  # every block of a step in one call
+        result: list[torch.Tensor] = []
+        timed(f"decode step ({len(args[1])} blocks)", lambda: result.append(step(*args, **options)))
+        return result[0]
+
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
-        amx._call, chains.call = timed_call, timed_chain
+        amx._call, chains.call, chains.run_decode_step = timed_call, timed_chain, timed_step
         try:
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
             total = time.perf_counter() - start
         finally:
-            amx._call, chains.call = call, chain
+            amx._call, chains.call, chains.run_decode_step = call, chain, step
     steps = new_tokens - 1  # decode steps: the first new token comes from the prompt's call
     lines = [
         f"batch {batch}: {total / new_tokens * 1e3:.1f} ms per new token (prompt included), "
@@ -147,6 +153,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="n_layer (default: the preset's 24)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--attention", default="auto", help="the attention plugin (default: the build's choice)")
     args = parser.parse_args()
     if not amx.ready():
         raise SystemExit(f"the AMX kernel is not in use here: {amx.status().reason}")
@@ -155,7 +162,8 @@ def main() -> None:
     print(first_operation_after_a_stream())
     torch.manual_seed(0)
     overrides = {"n_layer": args.layers} if args.layers else {}
-    model = registry.build(PRESET, dtype="bfloat16", device="cpu", **overrides).eval()
+    model = registry.build(PRESET, dtype="bfloat16", device="cpu", attention=args.attention, **overrides).eval()
+    print(f"attention: {model.manifest['components']['attention']['chosen']}")
     print(f"\n## A generate call, 16-token prompt + {args.new_tokens} new tokens, every kernel call timed\n")
     for batch in (int(b) for b in args.batches.split(",")):
         print(step_anatomy(model, batch, args.new_tokens), end="\n\n")

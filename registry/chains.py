@@ -176,7 +176,7 @@ DECODE_ARGTYPES: list[Any] = [
 
 
 class DecodeBlock(NamedTuple):
-    """A pre-LayerNorm block's operands for :func:`run_decode_step`, and its layer's cache buffers."""
+    """A pre-LayerNorm block's operands for :func:`decode_layers`."""
 
     norm: Norm  # the input LayerNorm
     qkv: Layer  # the query-key-value projection, 3C x C
@@ -184,14 +184,27 @@ class DecodeBlock(NamedTuple):
     post_norm: Norm  # the post-attention LayerNorm
     up: Layer  # F x C
     down: Layer  # C x F
-    keys: Tensor  # (B, H, capacity, D)
-    values: Tensor
+
+
+def decode_layers(blocks: list[DecodeBlock]) -> Any:
+    """The blocks' operands as :func:`run_decode_step`'s kernel reads them: a ctypes array of DecodeLayer
+    (their cache buffers are set by each step, in a copy). The tensors must outlive it."""
+    layers = (DecodeLayer * len(blocks))()
+    for slot, block in zip(layers, blocks, strict=True):
+        pointers = (block.norm[0], block.norm[1], *block.qkv, *block.dense, block.post_norm[0], block.post_norm[1],
+                    *block.up, *block.down)  # fmt: skip
+        for name, tensor in zip(_DECODE_POINTERS, pointers, strict=False):
+            setattr(slot, name, None if tensor is None else tensor.data_ptr())
+        slot.norm_eps, slot.post_eps = block.norm[2], block.post_norm[2]
+    return layers
 
 
 def run_decode_step(
     x: Tensor,
-    blocks: list[DecodeBlock],
+    layers: Any,
+    caches: list[tuple[Tensor, Tensor]],
     *,
+    hidden: int,
     heads: int,
     layout: tuple[int, int, int, int],
     activation: str,
@@ -201,47 +214,45 @@ def run_decode_step(
     key_positions: Tensor | None = None,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """A decode step of pre-LayerNorm blocks in one call of the AMX kernel (bfloat16): for each block, its
-    input LayerNorm and query-key-value projection; the new token's key and value written into the
-    block's cache buffers at ``position``; its attention over positions 0 .. ``position`` (scores and
-    softmax in float32, the bias and mask added as a bfloat16 value per key, as SDPA does with an additive
-    mask); the output projection and residual; the post-attention LayerNorm; the MLP and its residual.
-    Returns the last block's output; nothing returns to the interpreter between the blocks.
+    """A decode step of pre-LayerNorm blocks (``layers``, from :func:`decode_layers`; ``hidden``: their MLP's
+    width) in one call of the AMX kernel (bfloat16): for each block, its input LayerNorm and
+    query-key-value projection; the new token's key and value written into the block's cache buffers
+    (``caches``, (keys, values) per block) at ``position``; its attention over positions 0 ..
+    ``position`` (scores and softmax in float32, the bias and mask added as a bfloat16 value per key, as
+    SDPA does with an additive mask); the output projection and residual; the post-attention LayerNorm;
+    the MLP and its residual. Returns the last block's output; nothing returns to the interpreter between
+    the blocks.
 
     ``layout`` = (head stride, query, key, value offsets): where head h's query, key and value lie in a
     row of the projection. ``slopes`` (heads,) float32 with ``key_positions`` (rows, position + 1) float32:
     the ALiBi bias ``slopes[h] * key_positions[b, j]``, rounded to bfloat16. ``valid`` (rows, position + 1)
     uint8: 1 where a key may be attended to (none: all).
 
-    Without checks (:func:`registry.fused.decode_step` makes them): x is (rows, C) bfloat16, contiguous;
+    Without checks (:class:`registry.fused.DecodePlan` makes them): x is (rows, C) bfloat16, contiguous;
     weights contiguous, C, F and 3C multiples of 32, the head size a multiple of 32 up to 256; every
     cache buffer bfloat16 with the same strides, the head size contiguous, room past ``position``."""
     from registry import amx
 
     rows, width = x.shape
     function = amx._library.registry_decode_bf16  # type: ignore[union-attr]
-    first = blocks[0]
-    hidden, head_dim = first.up[0].shape[0], first.keys.shape[3]
-    layers = (DecodeLayer * len(blocks))()
-    for slot, block in zip(layers, blocks, strict=True):
-        pointers = (block.norm[0], block.norm[1], *block.qkv, *block.dense, block.post_norm[0], block.post_norm[1],
-                    *block.up, *block.down, block.keys, block.values)  # fmt: skip
-        for name, tensor in zip(_DECODE_POINTERS, pointers, strict=True):
-            setattr(slot, name, None if tensor is None else tensor.data_ptr())
-        slot.norm_eps, slot.post_eps = block.norm[2], block.post_norm[2]
+    step = type(layers)()  # the caller's array stays as it is: steps may run in several threads
+    ctypes.memmove(step, layers, ctypes.sizeof(layers))
+    for slot, (keys, values) in zip(step, caches, strict=True):
+        slot.keys, slot.values = keys.data_ptr(), values.data_ptr()
     threads = torch.get_num_threads()
     y = x.clone()
     qkv = torch.empty(rows, 3 * width, dtype=x.dtype)
     att = torch.empty(rows, width, dtype=x.dtype)
     ld_scores = (position + 17 + 15) // 16 * 16
     scores = torch.empty(threads, ld_scores, dtype=torch.float32)
-    sb, sh, sp, _ = first.keys.stride()
+    keys = caches[0][0]
+    sb, sh, sp, _ = keys.stride()
     scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if torch.autograd.profiler._is_profiler_enabled:
-        scope = torch.profiler.record_function(f"registry.amx.decode_step {rows} rows {len(blocks)} blocks")
+        scope = torch.profiler.record_function(f"registry.amx.decode_step {rows} rows {len(caches)} blocks")
     with scope:
         failed = function(
-            layers, len(blocks), y.data_ptr(), rows, width, hidden, heads, head_dim,
+            step, len(caches), y.data_ptr(), rows, width, hidden, heads, keys.shape[3],
             ACTIVATION_CODES[activation], *layout, sb, sh, sp, position,
             None if slopes is None else slopes.data_ptr(),
             None if key_positions is None else key_positions.data_ptr(),

@@ -767,76 +767,144 @@ class PreNormBlock(NamedTuple):
     down: nn.Linear
 
 
-def decode_step(
-    x: Tensor,
+class DecodePlan:
+    """A decode step of pre-LayerNorm blocks, attention included, in one kernel call
+    (:func:`registry.chains.run_decode_step`), with the blocks' operands checked once (:func:`decode_plan`)
+    and kept while they stay what was checked: :meth:`current` says whether they do (no forward hooks and
+    no training mode on any watched module, nor global module hooks; the same parameters at the same
+    addresses; the same blocks)."""
+
+    def __init__(
+        self,
+        owners: Sequence[nn.Module],
+        watched: Sequence[nn.Module],
+        operands: list[chains.DecodeBlock],
+        *,
+        width: int,
+        heads: int,
+        layout: tuple[int, int, int, int],
+        activation: str,
+        scale: float,
+    ):
+        self.owners = tuple(owners)
+        self.watched = tuple(watched)
+        self.tensors = [
+            (module, name, tensor, tensor.data_ptr())
+            for module in watched
+            for name, tensor in module._parameters.items()
+            if tensor is not None
+        ]
+        self.layers = chains.decode_layers(operands)
+        self.width, self.hidden, self.heads = width, operands[0].up[0].shape[0], heads
+        self.head_dim = width // heads
+        self.layout, self.activation, self.scale = layout, activation, scale
+
+    def current(self, owners: Sequence[nn.Module]) -> bool:
+        """Whether the plan still holds for these blocks (``owners``, as given to :func:`decode_plan`)."""
+        if len(owners) != len(self.owners) or any(a is not b for a, b in zip(owners, self.owners, strict=True)):
+            return False
+        modules = torch.nn.modules.module
+        if getattr(modules, "_global_forward_hooks", None) or getattr(modules, "_global_forward_pre_hooks", None):
+            return False
+        for module in self.watched:
+            if module.training or module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return all(
+            module._parameters.get(name) is tensor and tensor.data_ptr() == address
+            for module, name, tensor, address in self.tensors
+        )
+
+    def run(
+        self,
+        x: Tensor,
+        slots: Sequence[tuple[Tensor, Tensor]],
+        *,
+        position: int,
+        slopes: Tensor | None = None,
+        key_positions: Tensor | None = None,
+        key_padding: Tensor | None = None,
+    ) -> Tensor | None:
+        """The step on x (rows, C), the new tokens' hidden states after the embeddings: the last block's
+        output, or None where the kernel does not take it (nothing is written then). ``slots``: each
+        block's cache buffers (``KVCache.reserve``), ``position`` the slot of the new token;
+        ``slopes``/``key_positions``: an ALiBi bias; ``key_padding`` (rows, >= position + 1) bool: False
+        where a key is padding. The kernel takes bfloat16 rows below AMX_MAX_ROWS, autograd off, cache
+        buffers of the blocks' head size with room past ``position``."""
+        if x.dim() != 2 or x.shape[1] != self.width or x.dtype is not torch.bfloat16 or len(slots) != len(self.owners):
+            return None
+        if _chain_kernel(x) != amx.K_MULTIPLE:
+            return None
+        rows, first = x.shape[0], slots[0][0]
+        for keys, values in slots:
+            if not (_cache_buffer(keys, rows, self.heads, self.head_dim, position, first)
+                    and _cache_buffer(values, rows, self.heads, self.head_dim, position, first)):  # fmt: skip
+                return None
+        n = position + 1
+        if slopes is not None:
+            if key_positions is None or slopes.shape != (self.heads,) or key_positions.dim() != 2:
+                return None
+            if key_positions.shape[0] != rows or key_positions.shape[1] < n:
+                return None
+            slopes = slopes.to(torch.float32).contiguous()
+            key_positions = key_positions[:, :n].to(torch.float32).contiguous()
+        valid = None
+        if key_padding is not None:
+            if key_padding.dim() != 2 or key_padding.shape[0] != rows or key_padding.shape[1] < n:
+                return None
+            valid = key_padding[:, :n].to(torch.uint8).contiguous()
+        return chains.run_decode_step(
+            x.contiguous(), self.layers, list(slots), hidden=self.hidden, heads=self.heads, layout=self.layout,
+            activation=self.activation, position=position, scale=self.scale, slopes=slopes,
+            key_positions=key_positions if slopes is not None else None, valid=valid,
+        )  # fmt: skip
+
+
+def decode_plan(
     blocks: Sequence[PreNormBlock],
-    slots: Sequence[tuple[Tensor, Tensor]],
     *,
+    owners: Sequence[nn.Module],
     heads: int,
     layout: tuple[int, int, int, int],
     activation: str,
-    position: int,
     scale: float,
-    slopes: Tensor | None = None,
-    key_positions: Tensor | None = None,
-    key_padding: Tensor | None = None,
-) -> Tensor | None:
-    """A decode step of pre-LayerNorm blocks, attention included, in one kernel call
-    (:func:`registry.chains.run_decode_step`): x (rows, C), the new tokens' hidden states after the
-    embeddings; returns the last block's output, or None where the kernel does not take the step (nothing
-    is written then). ``slots``: each block's cache buffers (``KVCache.reserve``), ``position`` the slot
-    of the new token; ``slopes``/``key_positions``: an ALiBi bias; ``key_padding`` (rows, >= position + 1)
-    bool: False where a key is padding.
+) -> DecodePlan | None:
+    """A :class:`DecodePlan` for these blocks (``owners``: the modules they belong to, one per block,
+    whose submodules are watched), or None where the kernel cannot run them: bfloat16 CPU operands it
+    reads as they lie (see :func:`_kernel_operand`, :func:`_kernel_norm`), widths multiples of 32, a head
+    size of 32 to 256, no forward hooks and no training mode in the blocks, the AMX kernel ready.
 
-    It takes the step in bfloat16 on the AMX kernel, autograd off, where every operand is one the kernel
-    reads as it lies (see :func:`_kernel_operand`, :func:`_kernel_norm`: a LayerNorm with forward hooks
-    refuses), the widths are multiples of 32 and the head size is 32 to 256."""
-    if not blocks or len(slots) != len(blocks) or x.dim() != 2 or x.dtype is not torch.bfloat16:
+    ``layout`` = (head stride, query, key, value offsets) in a row of the query-key-value projection."""
+    if not blocks or len(owners) != len(blocks) or "amx-bf16" not in _kernels() or activation not in ACTIVATIONS:
         return None
-    if _chain_kernel(x) != amx.K_MULTIPLE:
-        return None
-    rows, width = x.shape
+    width = blocks[0].qkv.in_features
     head_dim = width // heads if heads > 0 else 0
     if width % 32 or head_dim * heads != width or head_dim % 32 or head_dim > 256:
         return None
     stride, *offsets = layout
     if min(stride, *offsets) < 0 or (heads - 1) * stride + max(offsets) + head_dim > 3 * width:
         return None
+    watched = [module for owner in owners for module in owner.modules()]
+    if any(m.training or has_forward_hooks(m) for m in watched):
+        return None
     operands: list[chains.DecodeBlock] = []
-    hidden = None
-    for block, (keys, values) in zip(blocks, slots, strict=True):
-        norm, post = _kernel_norm(block.norm, width, x.dtype), _kernel_norm(block.post_norm, width, x.dtype)
-        qkv, dense = _kernel_operand(block.qkv, width), _kernel_operand(block.dense, width)
-        up = _kernel_operand(block.up, width)
-        hidden = hidden if hidden is not None else (up[0].shape[0] if up is not None else 0)
-        down = _kernel_operand(block.down, hidden) if hidden % 32 == 0 else None
+    hidden = blocks[0].up.out_features
+    if hidden % 32:
+        return None
+    for block in blocks:
+        norm = _kernel_norm(block.norm, width, torch.bfloat16)
+        post = _kernel_norm(block.post_norm, width, torch.bfloat16)
+        qkv, dense, up = (_kernel_operand(layer, width) for layer in (block.qkv, block.dense, block.up))
+        down = _kernel_operand(block.down, hidden)
         if norm is None or post is None or qkv is None or dense is None or up is None or down is None:
             return None
-        shapes = (qkv[0].shape[0], dense[0].shape[0], up[0].shape[0], down[0].shape[0])
-        if shapes != (3 * width, width, hidden, width):
+        if (qkv[0].shape[0], dense[0].shape[0], up[0].shape[0], down[0].shape[0]) != (3 * width, width, hidden, width):
             return None
         if any(weight.stride(0) != weight.shape[1] for weight, _ in (qkv, dense, up, down)):
             return None
-        if not all(_cache_buffer(t, rows, heads, head_dim, position, slots[0][0]) for t in (keys, values)):
-            return None
-        operands.append(chains.DecodeBlock(norm, qkv, dense, post, up, down, keys, values))
-    n = position + 1
-    if slopes is not None:
-        if key_positions is None or slopes.shape != (heads,) or key_positions.shape[:1] != (rows,):
-            return None
-        if key_positions.dim() != 2 or key_positions.shape[1] < n:
-            return None
-        slopes = slopes.to(torch.float32).contiguous()
-        key_positions = key_positions[:, :n].to(torch.float32).contiguous()
-    valid = None
-    if key_padding is not None:
-        if key_padding.shape[0] != rows or key_padding.shape[1] < n:
-            return None
-        valid = key_padding[:, :n].to(torch.uint8).contiguous()
-    return chains.run_decode_step(
-        x.contiguous(), operands, heads=heads, layout=layout, activation=activation, position=position,
-        scale=scale, slopes=slopes, key_positions=key_positions if slopes is not None else None, valid=valid,
-    )  # fmt: skip
+        operands.append(chains.DecodeBlock(norm, qkv, dense, post, up, down))
+    return DecodePlan(
+        owners, watched, operands, width=width, heads=heads, layout=layout, activation=activation, scale=scale
+    )
 
 
 def _cache_buffer(t: Tensor, rows: int, heads: int, head_dim: int, position: int, first: Tensor) -> bool:

@@ -18,7 +18,16 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from registry.errors import InputError
-from registry.fused import PreNormBlock, attention_output_and_mlp, decode_step, has_forward_hooks, linear, mlp, project
+from registry.fused import (
+    DecodePlan,
+    PreNormBlock,
+    attention_output_and_mlp,
+    decode_plan,
+    has_forward_hooks,
+    linear,
+    mlp,
+    project,
+)
 from registry.interfaces import (
     AlibiBias,
     AttentionBackend,
@@ -415,29 +424,49 @@ class BloomModel(nn.Module):
         key_padding: Tensor | None,
         past: int,
     ) -> Tensor | None:
-        """A decode step's blocks in one kernel call (:func:`registry.fused.decode_step`), where the chosen
+        """A decode step's blocks in one kernel call (:class:`registry.fused.DecodePlan`), where the chosen
         attention backend allows it (``fused_decode``: the ``fused-decode`` plugin) and nothing needs them
         to run one by one: blocks of this family, pre-LayerNorm, in eval mode, with no tensor-parallel
         slices and no forward hooks on a block or anything in it; no rotation; an ALiBi bias or none; a
         cache that hands out its buffers (``KVCache.reserve``). Returns the last block's output, or None
-        (then the blocks run as modules)."""
+        (then the blocks run as modules). The plan is kept between steps while it holds."""
+        bias = biases[0] if biases else None
+        if rotate is not None or any(b is not bias for b in biases):
+            return None
+        if bias is not None and not isinstance(bias, AlibiBias):
+            return None
         blocks = list(self.h)
-        if not blocks or rotate is not None or not all(isinstance(b, BloomBlock) for b in blocks):
-            return None
-        backend = blocks[0].self_attention.backend
-        if not backend.capabilities.fused_decode:
-            return None
-        for block in blocks:
-            if block.training or not block.takes_projection() or any(has_forward_hooks(m) for m in block.modules()):
+        plan = self.__dict__.get("_decode_plan")
+        if plan is None or not plan.current(blocks):
+            plan = self.__dict__["_decode_plan"] = self._plan_decode(blocks)
+            if plan is None:
                 return None
-        bias = biases[0]
-        if any(b is not bias for b in biases) or not (bias is None or isinstance(bias, AlibiBias)):
-            return None
         slots = cache.reserve(1)
-        if slots is None or len(slots) != len(blocks):
+        if slots is None:
+            return None
+        B, _, C = x.shape
+        y = plan.run(
+            x.view(B, C),
+            slots,
+            position=past,
+            slopes=None if bias is None else bias.slopes,
+            key_positions=None if bias is None else bias.key_positions,
+            key_padding=key_padding,
+        )
+        if y is None:
+            return None
+        cache.commit(1)
+        return y.view(B, 1, C)
+
+    def _plan_decode(self, blocks: list[nn.Module]) -> DecodePlan | None:
+        """The blocks' fused decode step (:func:`registry.fused.decode_plan`), or None where it cannot be
+        planned: blocks of another kind, or that compute their projection otherwise (see
+        :meth:`BloomBlock.takes_projection`), or an attention backend that does not fuse."""
+        if not blocks or not all(isinstance(b, BloomBlock) and b.takes_projection() for b in blocks):
             return None
         first = blocks[0].self_attention
-        heads, head_dim = first.num_heads, first.head_dim
+        if not first.backend.capabilities.fused_decode:
+            return None
         modules = [
             PreNormBlock(
                 b.input_layernorm,
@@ -449,24 +478,14 @@ class BloomModel(nn.Module):
             )  # fmt: skip
             for b in blocks
         ]
-        B, _, C = x.shape
-        y = decode_step(
-            x.view(B, C),
+        return decode_plan(
             modules,
-            slots,
-            heads=heads,
-            layout=(3 * head_dim, 0, head_dim, 2 * head_dim),  # the fused projection's (H, 3, D) per row
+            owners=blocks,
+            heads=first.num_heads,
+            layout=(3 * first.head_dim, 0, first.head_dim, 2 * first.head_dim),  # the projection's (H, 3, D)
             activation="gelu_tanh",
-            position=past,
             scale=first.scale,
-            slopes=None if bias is None else bias.slopes,
-            key_positions=None if bias is None else bias.key_positions,
-            key_padding=key_padding,
         )
-        if y is None:
-            return None
-        cache.commit(1)
-        return y.view(B, 1, C)
 
 
 class TiedProjection(nn.Module):

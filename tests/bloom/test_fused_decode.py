@@ -175,3 +175,40 @@ def test_fused_decode_is_refused_where_it_cannot_serve_with_the_reason(monkeypat
     monkeypatch.setattr(amx, "status", lambda: amx.Status(False, "switched off for this test"))
     with pytest.raises(IncompatibleComponentsError, match="switched off for this test"):
         registry.build("bloom-560m", n_layer=1, dtype="bfloat16", attention="fused-decode")
+
+
+@needs_amx
+def test_the_kept_plan_follows_replaced_parameters_and_replaced_blocks(reference_checkpoint, monkeypatch):
+    _, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, plain = _models(folder)
+    ids, mask = left_padded_batch(length=7)
+    tokens = torch.randint(4, 100, (3, 2), generator=torch.Generator().manual_seed(5))
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        _decode(fused, ids, mask, tokens)  # a plan is made and kept
+        assert len(steps) == 2
+        for model in (fused, plain):  # a new parameter object, at a new address
+            layer = model.backbone.h[1].mlp.dense_4h_to_h
+            layer.weight = torch.nn.Parameter(layer.weight.detach().flip(0).clone())
+        got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
+        assert len(steps) == 4
+        assert (got - expected).abs().max() <= 0.1
+        # a block wrapped after the plan was made, between two steps of one cache: the module path calls it
+        out = fused(input_ids=ids, attention_mask=mask, use_cache=True)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = fused(input_ids=tokens[:, :1], attention_mask=mask, past_key_values=out.past_key_values)
+        assert len(steps) == 5
+        fused.backbone.h[2] = _Logged(fused.backbone.h[2])
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        fused(input_ids=tokens[:, 1:], attention_mask=mask, past_key_values=out.past_key_values)
+        assert len(steps) == 5 and fused.backbone.h[2].calls == 1
+
+
+class _Logged(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x, **kwargs):
+        self.calls += 1
+        return self.inner(x, **kwargs)
