@@ -482,7 +482,10 @@ int registry_decode_bf16(const decode_layer* layers, int64_t L, uint16_t* X, int
             a.keys = y->keys;
             a.values = y->values;
             #pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < M * H; bh++) attend_one(&a, bh / H, bh % H, D, my_scores);
+            for (int64_t bh = 0; bh < M * H; bh++) {
+                const int64_t next = bh + 1 < M * H ? bh + 1 : -1;
+                attend_one(&a, bh / H, bh % H, D, my_scores, next >= 0 ? next / H : -1, next >= 0 ? next % H : 0);
+            }
             const epilogue_args e0 = {y->dense_b, X, C, S, C, ACT_NONE}, e1 = {y->up_b, NULL, 0, Y1, F, act},
                                 e2 = {y->down_b, S, C, X, C, ACT_NONE};
             product(att, M, C, y->dense_w, C, C, C, &e0, XT);

@@ -43,8 +43,11 @@ static inline __m512 widen_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-/* sequence b, head h (D % 32 == 0, D <= 256); `scores`: room for position + 17 floats */
-static inline void attend_one(const decode_attention* a, int64_t b, int64_t h, int64_t D, float* scores) {
+/* sequence b, head h (D % 32 == 0, D <= 256); `scores`: room for position + 17 floats. `next` (b, h of the
+   pair this thread attends next, or b < 0): its keys and values are prefetched while these are read, so
+   that they stream in behind them instead of each pair waiting for memory at its start. */
+static inline void attend_one(const decode_attention* a, int64_t b, int64_t h, int64_t D, float* scores,
+                              int64_t next_b, int64_t next_h) {
     const uint16_t* row = a->qkv + b * a->ld_qkv + h * a->head_stride;
     const uint16_t *q = row + a->q_offset, *k_new = row + a->k_offset, *v_new = row + a->v_offset;
     uint16_t *keys = a->keys + b * a->sb + h * a->sh, *values = a->values + b * a->sb + h * a->sh;
@@ -54,9 +57,20 @@ static inline void attend_one(const decode_attention* a, int64_t b, int64_t h, i
     const float slope = a->slopes != NULL ? a->slopes[h] : 0.0f;
     const float* pos = a->slopes != NULL ? a->key_pos + b * a->ld_pos : NULL;
     const uint8_t* valid = a->valid != NULL ? a->valid + b * a->ld_valid : NULL;
+    const char *next_keys = NULL, *next_values = NULL;
+    if (next_b >= 0) {
+        next_keys = (const char*)(a->keys + next_b * a->sb + next_h * a->sh);
+        next_values = (const char*)(a->values + next_b * a->sb + next_h * a->sh);
+    }
+    const int64_t row_bytes = D * (int64_t)sizeof(uint16_t), stride_bytes = a->sp * (int64_t)sizeof(uint16_t);
     /* scores: scale q.k in float32, plus the key's bias-and-mask value */
     float top = -INFINITY;
     for (int64_t j = 0; j < n; j++) {
+        if (next_keys != NULL)
+            for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+                _mm_prefetch(next_keys + j * stride_bytes + byte, _MM_HINT_T0);
+                _mm_prefetch(next_values + j * stride_bytes + byte, _MM_HINT_T0);
+            }
         const uint16_t* key = keys + j * a->sp;
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 32)
