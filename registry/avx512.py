@@ -48,6 +48,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     ]  # fmt: skip
     library.registry_chain_f32.restype = ctypes.c_int
     library.registry_chain_f32.argtypes = chains.ARGTYPES
+    library.registry_decode_f32.restype = ctypes.c_int
+    library.registry_decode_f32.argtypes = chains.DECODE_ARGTYPES
     library.registry_argmax_rows.restype = None
     library.registry_argmax_rows.argtypes = [
         pointer, ctypes.c_int, integer, integer, integer, pointer, ctypes.c_int,  # X, bf16, M, N, ldx, out, threads

@@ -215,26 +215,32 @@ def run_decode_step(
     valid: Tensor | None = None,
 ) -> Tensor:
     """A decode step of pre-LayerNorm blocks (``layers``, from :func:`decode_layers`; ``hidden``: their MLP's
-    width) in one call of the AMX kernel (bfloat16): for each block, its input LayerNorm and
+    width) in one kernel call (bfloat16 on the AMX kernel, float32 on the AVX-512 kernel, whose products
+    and chains are as :func:`run_chain` computes them): for each block, its input LayerNorm and
     query-key-value projection; the new token's key and value written into the block's cache buffers
     (``caches``, (keys, values) per block) at ``position``; its attention over positions 0 ..
     ``position`` (scores and softmax in float32, the bias and mask added as a bfloat16 value per key, as
-    SDPA does with an additive mask); the output projection and residual; the post-attention LayerNorm;
+    SDPA does with an additive mask in the model's dtype); the output projection and residual; the
+    post-attention LayerNorm;
     the MLP and its residual. Returns the last block's output; nothing returns to the interpreter between
     the blocks.
 
     ``layout`` = (head stride, query, key, value offsets): where head h's query, key and value lie in a
     row of the projection. ``slopes`` (heads,) float32 with ``key_positions`` (rows, position + 1) float32:
-    the ALiBi bias ``slopes[h] * key_positions[b, j]``, rounded to bfloat16. ``valid`` (rows, position + 1)
+    the ALiBi bias ``slopes[h] * key_positions[b, j]`` (rounded to bfloat16 for it). ``valid`` (rows, position + 1)
     uint8: 1 where a key may be attended to (none: all).
 
-    Without checks (:class:`registry.fused.DecodePlan` makes them): x is (rows, C) bfloat16, contiguous;
-    weights contiguous, C, F and 3C multiples of 32, the head size a multiple of 32 up to 256; every
-    cache buffer bfloat16 with the same strides, the head size contiguous, room past ``position``."""
-    from registry import amx
+    Without checks (:class:`registry.fused.DecodePlan` makes them): x is (rows, C) bfloat16 or float32,
+    contiguous; weights of its dtype and contiguous, C, F and 3C multiples of 32, the head size a
+    multiple of 32 up to 256; every cache buffer of its dtype with the same strides, the head size
+    contiguous, room past ``position``. The dtype's kernel must be ready."""
+    from registry import amx, avx512  # they import this module for its calling convention
 
     rows, width = x.shape
-    function = amx._library.registry_decode_bf16  # type: ignore[union-attr]
+    if x.dtype == torch.bfloat16:
+        function, kernel = amx._library.registry_decode_bf16, "amx"  # type: ignore[union-attr]
+    else:
+        function, kernel = avx512._library.registry_decode_f32, "avx512"  # type: ignore[union-attr]
     step = type(layers)()  # the caller's array stays as it is: steps may run in several threads
     ctypes.memmove(step, layers, ctypes.sizeof(layers))
     for slot, (keys, values) in zip(step, caches, strict=True):
@@ -249,7 +255,7 @@ def run_decode_step(
     sb, sh, sp, _ = keys.stride()
     scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if torch.autograd.profiler._is_profiler_enabled:
-        scope = torch.profiler.record_function(f"registry.amx.decode_step {rows} rows {len(caches)} blocks")
+        scope = torch.profiler.record_function(f"registry.{kernel}.decode_step {rows} rows {len(caches)} blocks")
     with scope:
         failed = function(
             step, len(caches), y.data_ptr(), rows, width, hidden, heads, keys.shape[3],
@@ -261,5 +267,5 @@ def run_decode_step(
             scale, qkv.data_ptr(), att.data_ptr(), scores.data_ptr(), ld_scores, threads,
         )  # fmt: skip
     if failed:
-        raise MemoryError("the amx kernel could not allocate its scratch memory")
+        raise MemoryError(f"the {kernel} kernel could not allocate its scratch memory")
     return y

@@ -795,6 +795,7 @@ class DecodePlan:
             if tensor is not None
         ]
         self.layers = chains.decode_layers(operands)
+        self.dtype = operands[0].qkv[0].dtype
         self.width, self.hidden, self.heads = width, operands[0].up[0].shape[0], heads
         self.head_dim = width // heads
         self.layout, self.activation, self.scale = layout, activation, scale
@@ -828,13 +829,18 @@ class DecodePlan:
         output, or None where the kernel does not take it (nothing is written then). ``slots``: each
         block's cache buffers (``KVCache.reserve``), ``position`` the slot of the new token;
         ``slopes``/``key_positions``: an ALiBi bias; ``key_padding`` (rows, >= position + 1) bool: False
-        where a key is padding. The kernel takes bfloat16 rows below AMX_MAX_ROWS, autograd off, cache
-        buffers of the blocks' head size with room past ``position``."""
-        if x.dim() != 2 or x.shape[1] != self.width or x.dtype is not torch.bfloat16 or len(slots) != len(self.owners):
+        where a key is padding. The kernel takes rows of the blocks' dtype (bfloat16: fewer than
+        AMX_MAX_ROWS; float32: at most avx512.MAX_ROWS), autograd off, cache buffers of that dtype and the
+        blocks' head size with room past ``position``."""
+        if x.dim() != 2 or x.shape[1] != self.width or x.dtype is not self.dtype or len(slots) != len(self.owners):
             return None
-        if _chain_kernel(x) != amx.K_MULTIPLE:
+        rows = x.shape[0]
+        limit = AMX_MAX_ROWS - 1 if self.dtype is torch.bfloat16 else avx512.MAX_ROWS
+        if not _enabled or not x.is_cpu or torch.is_grad_enabled() or not 1 <= rows <= limit:
             return None
-        rows, first = x.shape[0], slots[0][0]
+        first = slots[0][0]
+        if first.dtype is not self.dtype:
+            return None
         for keys, values in slots:
             if not (_cache_buffer(keys, rows, self.heads, self.head_dim, position, first)
                     and _cache_buffer(values, rows, self.heads, self.head_dim, position, first)):  # fmt: skip
@@ -869,12 +875,17 @@ def decode_plan(
     scale: float,
 ) -> DecodePlan | None:
     """A :class:`DecodePlan` for these blocks (``owners``: the modules they belong to, one per block,
-    whose submodules are watched), or None where the kernel cannot run them: bfloat16 CPU operands it
-    reads as they lie (see :func:`_kernel_operand`, :func:`_kernel_norm`), widths multiples of 32, a head
-    size of 32 to 256, no forward hooks and no training mode in the blocks, the AMX kernel ready.
+    whose submodules are watched), or None where no kernel can run them: CPU operands the kernel reads as
+    they lie (see :func:`_kernel_operand`, :func:`_kernel_norm`), all bfloat16 (the AMX kernel) or all
+    float32 (the AVX-512 kernel), widths multiples of 32, a head size of 32 to 256, no forward hooks and
+    no training mode in the blocks, the dtype's kernel ready.
 
     ``layout`` = (head stride, query, key, value offsets) in a row of the query-key-value projection."""
-    if not blocks or len(owners) != len(blocks) or "amx-bf16" not in _kernels() or activation not in ACTIVATIONS:
+    if not blocks or len(owners) != len(blocks) or activation not in ACTIVATIONS:
+        return None
+    dtype = blocks[0].qkv.weight.dtype
+    kernel = {torch.bfloat16: "amx-bf16", torch.float32: "avx512-fp32"}.get(dtype)
+    if kernel is None or kernel not in _kernels():
         return None
     width = blocks[0].qkv.in_features
     head_dim = width // heads if heads > 0 else 0
@@ -891,10 +902,9 @@ def decode_plan(
     if hidden % 32:
         return None
     for block in blocks:
-        norm = _kernel_norm(block.norm, width, torch.bfloat16)
-        post = _kernel_norm(block.post_norm, width, torch.bfloat16)
-        qkv, dense, up = (_kernel_operand(layer, width) for layer in (block.qkv, block.dense, block.up))
-        down = _kernel_operand(block.down, hidden)
+        norm, post = _kernel_norm(block.norm, width, dtype), _kernel_norm(block.post_norm, width, dtype)
+        qkv, dense, up = (_kernel_operand(layer, width, dtype) for layer in (block.qkv, block.dense, block.up))
+        down = _kernel_operand(block.down, hidden, dtype)
         if norm is None or post is None or qkv is None or dense is None or up is None or down is None:
             return None
         if (qkv[0].shape[0], dense[0].shape[0], up[0].shape[0], down[0].shape[0]) != (3 * width, width, hidden, width):
@@ -908,10 +918,11 @@ def decode_plan(
 
 
 def _cache_buffer(t: Tensor, rows: int, heads: int, head_dim: int, position: int, first: Tensor) -> bool:
-    """Whether the kernel writes and reads ``t`` as a layer's cache buffer: bfloat16 on the CPU, (rows, heads,
-    capacity > position, head_dim) with contiguous head vectors and the strides of the first layer's."""
+    """Whether the kernel writes and reads ``t`` as a layer's cache buffer: on the CPU, (rows, heads,
+    capacity > position, head_dim) with contiguous head vectors, the dtype and strides of the first
+    layer's (the plan checks that dtype against the model's)."""
     return (
-        t.dtype is torch.bfloat16
+        t.dtype is first.dtype
         and t.is_cpu
         and t.dim() == 4
         and t.shape[0] == rows

@@ -1,20 +1,25 @@
 """Fused-decode attention: SDPA for prompts, and a decode step's attention computed inside one kernel call
-with the rest of the step, where the family runs whole decode steps that way (BLOOM on the AMX kernel:
-see :func:`registry.fused.decode_step`).
+with the rest of the step, where the family runs whole decode steps that way (BLOOM: see
+:class:`registry.fused.DecodePlan`).
 
-The backend itself is SDPA (:mod:`plugins.attention.sdpa`): a prompt, and any step the fused kernel does not
-take, run as there. It declares ``fused_decode``, which lets a family compute its attention in the decode
-step's kernel: the same function (softmax of the scaled scores plus the bias and mask, times the values),
-rounded once per step instead of once per operation. Selecting it is the switch: ``sdpa`` never fuses,
-so the two can be A/B tested on the same weights. It accepts only what the fused step can serve (a CPU
-with the AMX kernel, bfloat16, a family that fuses its decode steps); elsewhere it is refused with the
-reason, and ``auto`` picks another backend.
+The backend itself is SDPA (:mod:`plugins.attention.sdpa`): a prompt, and any step the fused kernel does
+not take, run as there. The step's kernel is the AMX kernel in bfloat16 and the AVX-512 kernel in
+float32 (up to 16 rows; more run module by module). It declares ``fused_decode``, which lets a family
+compute its attention in the decode step's kernel: the same function (softmax of the scaled scores plus
+the bias and mask, times the values), rounded once per step instead of once per operation. Selecting it
+is the switch: ``sdpa`` never fuses, so the two can be A/B tested on the same weights. It accepts only
+what the fused step can serve (a CPU with the dtype's kernel, a family that fuses its decode steps);
+elsewhere it is refused with the reason, and ``auto`` picks another backend.
+
+In float32 the step sums in another order than MKL's GEMV and PyTorch's SDPA (relative differences of
+about 1e-7): a one-row decode step is then no longer the reference's bit for bit, as it is with ``sdpa``
+(MKL's GEMV is the reference's own kernel).
 """
 
 from __future__ import annotations
 
 from plugins.attention.sdpa import SdpaAttention
-from registry import amx
+from registry import amx, avx512
 from registry.interfaces import AttentionCapabilities, SelectionContext
 
 
@@ -22,7 +27,7 @@ class FusedDecodeAttention(SdpaAttention):
     name = "fused-decode"
     capabilities = AttentionCapabilities(
         devices=frozenset({"cpu"}),
-        dtypes=frozenset({"bfloat16"}),
+        dtypes=frozenset({"bfloat16", "float32"}),
         bias_kinds=frozenset({"alibi", "tensor", "query-key"}),
         attention_weights=False,
         backward=True,
@@ -34,9 +39,9 @@ class FusedDecodeAttention(SdpaAttention):
         reasons = []
         if not context.family_capabilities.fused_decode:
             reasons.append(f"family '{context.family}' does not run its decode steps as one kernel call")
-        kernel = amx.status()
+        name, kernel = ("AMX", amx.status()) if context.dtype == "bfloat16" else ("AVX-512", avx512.status())
         if not kernel.ready:
-            reasons.append(f"needs the AMX kernel, which is not used here: {kernel.reason}")
+            reasons.append(f"needs the {name} kernel for {context.dtype}, which is not used here: {kernel.reason}")
         return reasons
 
 

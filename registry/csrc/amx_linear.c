@@ -433,13 +433,7 @@ int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_
     return 0;
 }
 
-/* One block's parameters and cache buffers for registry_decode_bf16 (registry/chains.py mirrors it) */
-typedef struct {
-    const uint16_t *norm_w, *norm_b, *qkv_w, *qkv_b, *dense_w, *dense_b, *post_w, *post_b, *up_w, *up_b, *down_w,
-        *down_b;
-    uint16_t *keys, *values;
-    float norm_eps, post_eps;
-} decode_layer;
+DEFINE_ATTEND_ONE(attend_one, uint16_t, 1, dot_bf16, widen_bf16, store_bf16_16)
 
 /* A decode step of a pre-LayerNorm decoder's L blocks in one parallel region: for each block,
      Q, K, V = LayerNorm(X) Wqkv^T + bqkv          (the block's input LayerNorm and projection)

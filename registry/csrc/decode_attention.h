@@ -1,9 +1,10 @@
-/* Attention of one new token per sequence over its cached keys and values (bfloat16), for a decode step
-   run inside a kernel (registry_decode_bf16 in amx_linear.c): the new key and value are written into the
-   cache, then softmax(scale q.k + bias) v over every cached position, as PyTorch's scaled_dot_product_attention
-   computes it for an additive float mask in bfloat16: scores and softmax in float32, the bias and mask
-   added as one bfloat16 value per key (the bias rounded to bfloat16; a masked key takes bfloat16's
-   lowest value, whatever its bias). Included by amx_linear.c; registry/native.py hashes it with it. */
+/* Attention of one new token per sequence over its cached keys and values, for a decode step run inside
+   a kernel (registry_decode_bf16 in amx_linear.c, registry_decode_f32 in linear_f32.c): the new key and
+   value are written into the cache, then softmax(scale q.k + bias) v over every cached position, as
+   PyTorch's scaled_dot_product_attention computes it with an additive float mask in the model's dtype:
+   scores and softmax in float32, the bias and mask added as one value per key in that dtype (bfloat16:
+   the bias rounded to it; a masked key takes the dtype's lowest value, whatever its bias). Included by
+   both kernels; registry/native.py hashes it with them. */
 #ifndef REGISTRY_DECODE_ATTENTION_H
 #define REGISTRY_DECODE_ATTENTION_H
 
@@ -15,12 +16,13 @@
 #include "vector_math.h"
 
 #define BF16_LOWEST (-3.38953139e38f) /* torch.finfo(torch.bfloat16).min: a masked key's additive value */
+#define F32_LOWEST (-3.40282347e38f)  /* torch.finfo(torch.float32).min */
 
-/* where a step's attention reads and writes (one layer) */
+/* where a step's attention reads and writes (one layer); element type: the kernel's (bfloat16 or float32) */
 typedef struct {
-    const uint16_t* qkv; /* the new tokens' projections, one row of `ld_qkv` values per sequence */
+    const void* qkv; /* the new tokens' projections, one row of `ld_qkv` values per sequence */
     int64_t ld_qkv, head_stride, q_offset, k_offset, v_offset; /* head h: q at h * head_stride + q_offset */
-    uint16_t *keys, *values; /* the cache: [b][h][position][d] at b * sb + h * sh + position * sp + d */
+    void *keys, *values; /* the cache: [b][h][position][d] at b * sb + h * sh + position * sp + d */
     int64_t sb, sh, sp;
     int64_t position;     /* the slot of the new token: it attends to slots 0 .. position */
     const float* slopes;  /* ALiBi slopes (heads), or NULL: no bias */
@@ -29,9 +31,18 @@ typedef struct {
     const uint8_t* valid; /* 1 where a key may be attended to, `ld_valid` per sequence; NULL: every key */
     int64_t ld_valid;
     float scale;
-    uint16_t* out; /* heads merged: out[b * ld_out + h * D + d] */
+    void* out; /* heads merged: out[b * ld_out + h * D + d] */
     int64_t ld_out;
 } decode_attention;
+
+/* One block's parameters and cache buffers for registry_decode_bf16 / registry_decode_f32 (element type the
+   kernel's; registry/chains.py mirrors it) */
+typedef struct {
+    const void *norm_w, *norm_b, *qkv_w, *qkv_b, *dense_w, *dense_b, *post_w, *post_b, *up_w, *up_b, *down_w,
+        *down_b;
+    void *keys, *values;
+    float norm_eps, post_eps;
+} decode_layer;
 
 static inline float bf16_round(float v) { /* to the nearest bfloat16 (ties to even), as a float */
     const __m512 r = _mm512_set1_ps(v);
@@ -43,45 +54,17 @@ static inline __m512 widen_bf16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-/* sequence b, head h (D % 32 == 0, D <= 256); `scores`: room for position + 17 floats. `next` (b, h of the
-   pair this thread attends next, or b < 0): its keys and values are prefetched while these are read, so
-   that they stream in behind them instead of each pair waiting for memory at its start. */
-static inline void attend_one(const decode_attention* a, int64_t b, int64_t h, int64_t D, float* scores,
-                              int64_t next_b, int64_t next_h) {
-    const uint16_t* row = a->qkv + b * a->ld_qkv + h * a->head_stride;
-    const uint16_t *q = row + a->q_offset, *k_new = row + a->k_offset, *v_new = row + a->v_offset;
-    uint16_t *keys = a->keys + b * a->sb + h * a->sh, *values = a->values + b * a->sb + h * a->sh;
-    memcpy(keys + a->position * a->sp, k_new, (size_t)D * sizeof(uint16_t));
-    memcpy(values + a->position * a->sp, v_new, (size_t)D * sizeof(uint16_t));
-    const int64_t n = a->position + 1;
-    const float slope = a->slopes != NULL ? a->slopes[h] : 0.0f;
-    const float* pos = a->slopes != NULL ? a->key_pos + b * a->ld_pos : NULL;
-    const uint8_t* valid = a->valid != NULL ? a->valid + b * a->ld_valid : NULL;
-    const char *next_keys = NULL, *next_values = NULL;
-    if (next_b >= 0) {
-        next_keys = (const char*)(a->keys + next_b * a->sb + next_h * a->sh);
-        next_values = (const char*)(a->values + next_b * a->sb + next_h * a->sh);
-    }
-    const int64_t row_bytes = D * (int64_t)sizeof(uint16_t), stride_bytes = a->sp * (int64_t)sizeof(uint16_t);
-    /* scores: scale q.k in float32, plus the key's bias-and-mask value */
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        if (next_keys != NULL)
-            for (int64_t byte = 0; byte < row_bytes; byte += 64) {
-                _mm_prefetch(next_keys + j * stride_bytes + byte, _MM_HINT_T0);
-                _mm_prefetch(next_values + j * stride_bytes + byte, _MM_HINT_T0);
-            }
-        const uint16_t* key = keys + j * a->sp;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 32)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(key + d));
-        float s = _mm512_reduce_add_ps(acc) * a->scale;
-        if (valid != NULL && !valid[j]) s += BF16_LOWEST;
-        else if (pos != NULL) s += bf16_round(slope * pos[j]);
-        scores[j] = s;
-        if (s > top) top = s;
-    }
-    /* softmax numerators exp(s - top), zero where exp underflows (a masked key), and their sum */
+/* the additive value of key j for sequence b, head h: the mask's lowest value where the key is masked,
+   else the ALiBi bias (rounded to bfloat16 for a bfloat16 model), else 0 */
+static inline float key_bias(const decode_attention* a, int64_t b, int64_t h, int64_t j, int bf16) {
+    if (a->valid != NULL && !a->valid[b * a->ld_valid + j]) return bf16 ? BF16_LOWEST : F32_LOWEST;
+    if (a->slopes == NULL) return 0.0f;
+    const float bias = a->slopes[h] * a->key_pos[b * a->ld_pos + j];
+    return bf16 ? bf16_round(bias) : bias;
+}
+
+/* scores[0 .. n) -> exp(score - top), zero where that underflows (a masked key); returns 1 / their sum */
+static inline float softmax_numerators(float* scores, int64_t n, float top) {
     const __m512 top_v = _mm512_set1_ps(top), floor_v = _mm512_set1_ps(-87.0f);
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
@@ -92,21 +75,74 @@ static inline void attend_one(const decode_attention* a, int64_t b, int64_t h, i
         _mm512_mask_storeu_ps(scores + j, live, e);
         total = _mm512_add_ps(total, e);
     }
-    const float inverse = 1.0f / _mm512_reduce_add_ps(total);
-    /* out = sum_j p_j v_j / sum, in float32 */
-    __m512 acc[16];
-    const int64_t parts = D / 16;
-    for (int64_t i = 0; i < parts; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j++) {
-        if (scores[j] == 0.0f) continue;
-        const __m512 p = _mm512_set1_ps(scores[j]);
-        const uint16_t* value = values + j * a->sp;
-        for (int64_t i = 0; i < parts; i++) acc[i] = _mm512_fmadd_ps(p, widen_bf16(value + 16 * i), acc[i]);
-    }
-    uint16_t* out = a->out + b * a->ld_out + h * D;
-    const __m512 inv = _mm512_set1_ps(inverse);
-    for (int64_t i = 0; i < parts; i++)
-        _mm256_storeu_si256((__m256i*)(out + 16 * i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i], inv)));
+    return 1.0f / _mm512_reduce_add_ps(total);
 }
+
+/* the keys and values of row j of the pair at `next_keys`/`next_values` (or none), into the caches */
+static inline void prefetch_row(const char* next_keys, const char* next_values, int64_t j, int64_t stride_bytes,
+                                int64_t row_bytes) {
+    if (next_keys == NULL) return;
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+        _mm_prefetch(next_keys + j * stride_bytes + byte, _MM_HINT_T0);
+        _mm_prefetch(next_values + j * stride_bytes + byte, _MM_HINT_T0);
+    }
+}
+
+/* Sequence b, head h, element type T (uint16_t: bfloat16, or float), D % 32 == 0 and D <= 256; `scores`:
+   room for position + 17 floats. `next` (b, h of the pair this thread attends next, or b < 0): its keys
+   and values are prefetched while these are read, so that they stream in behind them instead of each
+   pair waiting for memory at its start. */
+#define DEFINE_ATTEND_ONE(NAME, T, BF16, DOT, WIDEN, STORE)                                                    \
+    static inline void NAME(const decode_attention* a, int64_t b, int64_t h, int64_t D, float* scores,          \
+                            int64_t next_b, int64_t next_h) {                                                 \
+        const T* row = (const T*)a->qkv + b * a->ld_qkv + h * a->head_stride;                                 \
+        const T *q = row + a->q_offset, *k_new = row + a->k_offset, *v_new = row + a->v_offset;               \
+        T *keys = (T*)a->keys + b * a->sb + h * a->sh, *values = (T*)a->values + b * a->sb + h * a->sh;       \
+        memcpy(keys + a->position * a->sp, k_new, (size_t)D * sizeof(T));                                     \
+        memcpy(values + a->position * a->sp, v_new, (size_t)D * sizeof(T));                                  \
+        const int64_t n = a->position + 1, row_bytes = D * (int64_t)sizeof(T);                                \
+        const int64_t stride_bytes = a->sp * (int64_t)sizeof(T);                                              \
+        const char *next_keys = NULL, *next_values = NULL;                                                    \
+        if (next_b >= 0) {                                                                                    \
+            next_keys = (const char*)((const T*)a->keys + next_b * a->sb + next_h * a->sh);                   \
+            next_values = (const char*)((const T*)a->values + next_b * a->sb + next_h * a->sh);               \
+        }                                                                                                     \
+        float top = -INFINITY;                                                                                \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            prefetch_row(next_keys, next_values, j, stride_bytes, row_bytes);                                 \
+            const float s = DOT(q, keys + j * a->sp, D) * a->scale + key_bias(a, b, h, j, BF16);              \
+            scores[j] = s;                                                                                    \
+            if (s > top) top = s;                                                                             \
+        }                                                                                                     \
+        const __m512 inverse = _mm512_set1_ps(softmax_numerators(scores, n, top));                            \
+        __m512 acc[16];                                                                                       \
+        const int64_t parts = D / 16;                                                                         \
+        for (int64_t i = 0; i < parts; i++) acc[i] = _mm512_setzero_ps();                                     \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            if (scores[j] == 0.0f) continue;                                                                  \
+            const __m512 p = _mm512_set1_ps(scores[j]);                                                       \
+            const T* value = values + j * a->sp;                                                              \
+            for (int64_t i = 0; i < parts; i++) acc[i] = _mm512_fmadd_ps(p, WIDEN(value + 16 * i), acc[i]);   \
+        }                                                                                                     \
+        T* out = (T*)a->out + b * a->ld_out + h * D;                                                          \
+        for (int64_t i = 0; i < parts; i++) STORE(out + 16 * i, _mm512_mul_ps(acc[i], inverse));              \
+    }
+
+static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline float dot_f32(const float* q, const float* k, int64_t D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline void store_bf16_16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+static inline void store_f32_16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 
 #endif

@@ -1,5 +1,6 @@
-"""Attention 'fused-decode': a bfloat16 decode step of BLOOM's blocks in one kernel call, attention and cache
-writes included (registry.fused.decode_step), against the module path ('sdpa') and the reference."""
+"""Attention 'fused-decode': a decode step of BLOOM's blocks in one kernel call, attention and cache writes
+included (registry.fused.DecodePlan; bfloat16 on the AMX kernel, float32 on the AVX-512 kernel), against
+the module path ('sdpa') and the reference."""
 
 from __future__ import annotations
 
@@ -7,18 +8,23 @@ import pytest
 import torch
 
 import registry
-from registry import amx, chains
+from registry import amx, avx512, chains
 from registry.errors import CacheOverflowError, IncompatibleComponentsError
 from registry.interfaces import KVCache
 
 from .conftest import PAD, left_padded_batch
 
 needs_amx = pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
+needs_avx512 = pytest.mark.skipif(
+    not avx512.ready(), reason=f"AVX-512 kernel not usable here: {avx512.status().reason}"
+)
+# each dtype with the kernel its fused step runs on
+DTYPES = [pytest.param("bfloat16", marks=needs_amx), pytest.param("float32", marks=needs_avx512)]
 
 
-def _models(folder, cache: str = "dynamic"):
-    fused = registry.from_pretrained(folder, dtype="bfloat16", attention="fused-decode", cache=cache)
-    plain = registry.from_pretrained(folder, dtype="bfloat16", attention="sdpa", cache=cache)
+def _models(folder, cache: str = "dynamic", dtype: str = "bfloat16"):
+    fused = registry.from_pretrained(folder, dtype=dtype, attention="fused-decode", cache=cache)
+    plain = registry.from_pretrained(folder, dtype=dtype, attention="sdpa", cache=cache)
     return fused, plain
 
 
@@ -54,13 +60,13 @@ def _truth(ref, folder, ids, mask, tokens):
     return result
 
 
-@needs_amx
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_decode_steps_run_as_one_kernel_call_each_with_the_module_path_s_numbers(
-    reference_checkpoint, monkeypatch, cache
+    reference_checkpoint, monkeypatch, cache, dtype
 ):
     ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
-    fused, plain = _models(folder, cache)
+    fused, plain = _models(folder, cache, dtype)
     ids, mask = left_padded_batch(length=7)  # rows padded by 0, 2 and 4 tokens
     tokens = torch.randint(4, 100, (3, 6), generator=torch.Generator().manual_seed(1))
     steps = _count_steps(monkeypatch)
@@ -71,17 +77,24 @@ def test_decode_steps_run_as_one_kernel_call_each_with_the_module_path_s_numbers
         plain_logits = _decode(plain, ids, mask, tokens, new(plain))
         assert len(steps) == tokens.shape[1]  # 'sdpa' never fuses: the two can be A/B tested
         exact, reference = _truth(ref, folder, ids, mask, tokens)
+    if dtype == "float32":  # the same function, summed in another order
+        torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, plain_logits, atol=1e-4, rtol=1e-4)
+        return
     # bfloat16 keeps 8 bits of mantissa: against the float32 truth, ours no worse than the reference
     reference_error = (reference - exact).abs().max()
     assert (got - exact).abs().max() <= 2 * reference_error + 1e-3
     assert (got - plain_logits).abs().max() <= 2 * reference_error + 1e-3
 
 
-@needs_amx
-def test_greedy_generation_is_the_module_path_s_and_the_reference_s_tokens(reference_checkpoint, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_generation_is_the_module_path_s_and_the_reference_s_tokens(
+    reference_checkpoint, monkeypatch, cache, dtype
+):
     ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
-    fused, plain = _models(folder)
-    reference = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    fused, plain = _models(folder, cache, dtype)
+    reference = type(ref).from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     ids, mask = left_padded_batch(length=7)
     steps = _count_steps(monkeypatch)
     got = fused.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
@@ -168,13 +181,20 @@ def test_steps_the_kernel_cannot_take_run_module_by_module(reference_checkpoint,
 
 
 def test_fused_decode_is_refused_where_it_cannot_serve_with_the_reason(monkeypatch):
-    with pytest.raises(IncompatibleComponentsError, match="bfloat16"):
-        registry.build("bloom-560m", n_layer=1, attention="fused-decode")  # float32
+    with pytest.raises(IncompatibleComponentsError, match="runs on cpu, not meta"):
+        registry.build("bloom-560m", n_layer=1, attention="fused-decode", device="meta")
     report = registry.explain("bert-base-uncased", num_hidden_layers=1, dtype="bfloat16", attention="fused-decode")
     assert "does not run its decode steps as one kernel call" in report["slots"]["attention"]["reason"]
-    monkeypatch.setattr(amx, "status", lambda: amx.Status(False, "switched off for this test"))
-    with pytest.raises(IncompatibleComponentsError, match="switched off for this test"):
+    monkeypatch.setattr(amx, "status", lambda: amx.Status(False, "AMX switched off for this test"))
+    monkeypatch.setattr(avx512, "status", lambda: avx512.Status(False, "AVX-512 switched off for this test"))
+    with pytest.raises(IncompatibleComponentsError, match="AMX kernel for bfloat16, .*AMX switched off"):
         registry.build("bloom-560m", n_layer=1, dtype="bfloat16", attention="fused-decode")
+    with pytest.raises(IncompatibleComponentsError, match="AVX-512 kernel for float32, .*AVX-512 switched off"):
+        registry.build("bloom-560m", n_layer=1, dtype="float32", attention="fused-decode")
+    # auto then takes sdpa, and says why fused-decode was not taken
+    components = registry.build("bloom-560m", n_layer=1, dtype="bfloat16").manifest["components"]["attention"]
+    candidates = {c["name"]: c for c in components["candidates"]}
+    assert components["chosen"] == "sdpa" and "AMX switched off" in candidates["fused-decode"]["reasons"][0]
 
 
 @needs_amx

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import registry
+from registry import avx512
 from registry.discovery import default_catalog
 from registry.generate import TokenStreamer
 
@@ -20,7 +21,7 @@ def _fitting(slot: str) -> list[str]:
     """Catalogued components of ``slot`` that selection accepts for a CPU fp32 BLOOM."""
     names = []
     for name in default_catalog().names(slot):
-        report = registry.explain("bloom-560m", n_layer=1, device="meta", **{slot: name})
+        report = registry.explain("bloom-560m", n_layer=1, device="cpu", **{slot: name})
         if report["slots"][slot]["chosen"] == name:
             names.append(name)
     return names
@@ -38,6 +39,8 @@ def reference_generate(ref, ids, mask, **options):
 
 def test_every_first_party_plugin_is_exercised():
     assert {"eager", "sdpa"} <= set(ATTENTIONS) and {"dynamic", "static"} <= set(CACHES)
+    if avx512.ready():  # its fused step runs float32 on the AVX-512 kernel (test_fused_decode.py: the kernel)
+        assert "fused-decode" in ATTENTIONS
 
 
 @pytest.mark.parametrize("cache", CACHES)
