@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -311,6 +312,11 @@ class Handoff:
 # -- backbone -------------------------------------------------------------------------------------
 
 
+# each backbone's fused decode plan, kept between steps, outside the module's state (a plan holds the kernel's
+# table of raw addresses: a copy or a pickle of the model must not carry it)
+_DECODE_PLANS: weakref.WeakKeyDictionary[nn.Module, DecodePlan] = weakref.WeakKeyDictionary()
+
+
 class BloomModel(nn.Module):
     """Embeddings -> blocks -> final LayerNorm. Returns :class:`BackboneOutput`."""
 
@@ -436,11 +442,13 @@ class BloomModel(nn.Module):
         if bias is not None and not isinstance(bias, AlibiBias):
             return None
         blocks = list(self.h)
-        plan = self.__dict__.get("_decode_plan")
+        plan = _DECODE_PLANS.get(self)
         if plan is None or not plan.current(blocks):
-            plan = self.__dict__["_decode_plan"] = self._plan_decode(blocks)
+            plan = self._plan_decode(blocks)
             if plan is None:
+                _DECODE_PLANS.pop(self, None)
                 return None
+            _DECODE_PLANS[self] = plan
         slots = cache.reserve(1)
         if slots is None:
             return None

@@ -4,6 +4,9 @@ the module path ('sdpa') and the reference."""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -232,3 +235,21 @@ class _Logged(torch.nn.Module):
     def forward(self, x, **kwargs):
         self.calls += 1
         return self.inner(x, **kwargs)
+
+
+@needs_amx
+def test_a_model_that_ran_fused_steps_copies_and_pickles(reference_checkpoint):
+    _, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, _ = _models(folder)
+    ids, mask = left_padded_batch(length=7)
+    first = fused.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+    copied = copy.deepcopy(fused)  # its own parameters: its own plan
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.zero_()  # the original changes in place; the copy must not follow
+    assert torch.equal(copied.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[]), first)
+    buffer = io.BytesIO()
+    torch.save(copied, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[]), first)
