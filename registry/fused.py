@@ -228,12 +228,13 @@ def _amx_linear(
 
 def _kernel_operand(layer: nn.Linear, in_features: int, dtype: torch.dtype = torch.bfloat16) -> chains.Layer | None:
     """The layer's (weight, bias) if a kernel reads them as they lie: ``dtype`` on the CPU, weight rows
-    of ``in_features`` contiguous values, a contiguous bias; and no forward hooks on it (it runs as a
-    module then, see :func:`linear`)."""
+    of ``in_features`` contiguous values, a contiguous bias; and no forward hooks on it, nor a forward of
+    its own (it runs as a module then, see :func:`linear`)."""
+    if _runs_as_module(layer):
+        return None
     weight, bias = layer.weight, layer.bias
     if (
-        has_forward_hooks(layer)
-        or weight.dtype is not dtype
+        weight.dtype is not dtype
         or not weight.is_cpu
         or weight.shape[1] != in_features
         or weight.stride(1) != 1
@@ -322,7 +323,10 @@ def _kernel_chain(
 
 def _kernel_norm(norm: nn.LayerNorm, width: int, dtype: torch.dtype) -> chains.Norm | None:
     """The LayerNorm's (weight, bias, eps) if a chain computes it over rows of ``width``: affine, ``dtype``,
-    contiguous, on the CPU, ``width`` a multiple of 16, without forward hooks (those run it as a module)."""
+    contiguous, on the CPU, ``width`` a multiple of 16, without forward hooks or a forward of its own (those
+    run it as a module)."""
+    if type(norm).forward is not nn.LayerNorm.forward:
+        return None
     gamma, beta = norm.weight, norm.bias
     if (
         tuple(norm.normalized_shape) != (width,)
@@ -572,6 +576,12 @@ def _plain(
     return y if residual is None else y.add_(residual)
 
 
+def _runs_as_module(layer: nn.Module) -> bool:
+    """Whether a layer must be called as a module: forward hooks on it, or a forward of its own (a subclass
+    of nn.Linear that computes something else); the fast path computes what nn.Linear.forward does."""
+    return has_forward_hooks(layer) or type(layer).forward is not nn.Linear.forward
+
+
 def _as_modules(
     x: Tensor,
     group: Sequence[nn.Linear],
@@ -579,7 +589,7 @@ def _as_modules(
     residual: Tensor | None,
     reference_activation: Callable[[Tensor], Tensor] | None,
 ) -> Tensor:
-    """The layers called as modules (their forward hooks run, as in the reference), then the activation
+    """The layers called as modules (their forward hooks and own forwards run, as in the reference), then the activation
     (the reference's, where given) and the residual as separate operations."""
     y = group[0](x) if len(group) == 1 else torch.cat([layer(x) for layer in group], dim=-1)
     if activation is not None:
@@ -623,7 +633,7 @@ def linear(
     group: Sequence[nn.Linear] = (layers,) if isinstance(layers, nn.Linear) else tuple(layers)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation '{activation}' is not fusable; choose one of {', '.join(ACTIVATIONS)} or None")
-    if any(has_forward_hooks(layer) for layer in group):
+    if any(_runs_as_module(layer) for layer in group):
         return _as_modules(x if norm is None else norm(x), group, activation, residual, reference_activation)
     if norm is not None:
         if len(group) == 1:
@@ -770,13 +780,15 @@ class PreNormBlock(NamedTuple):
 class DecodePlan:
     """A decode step of pre-LayerNorm blocks, attention included, in one kernel call
     (:func:`registry.chains.run_decode_step`), with the blocks' operands checked once (:func:`decode_plan`)
-    and kept while they stay what was checked: :meth:`current` says whether they do (no forward hooks and
-    no training mode on any watched module, nor global module hooks; the same parameters at the same
-    addresses; the same blocks)."""
+    and kept while they stay what was checked: :meth:`current` says whether they do (the same objects
+    in the family's structure, so no replaced submodule; no forward hooks and no training mode on any
+    module of the blocks, nor global module hooks; the same parameters at the same addresses). It holds
+    only weak references: a plan keeps nothing of the model alive, and one whose model changed is
+    simply not current."""
 
     def __init__(
         self,
-        owners: Sequence[nn.Module],
+        structure: Sequence[Sequence[object]],
         watched: Sequence[nn.Module],
         operands: list[chains.DecodeBlock],
         *,
@@ -786,34 +798,43 @@ class DecodePlan:
         activation: str,
         scale: float,
     ):
-        self.owners = tuple(owners)
-        self.watched = tuple(watched)
+        self.structure = [weakref.ref(part) for parts in structure for part in parts]
+        self.watched = [weakref.ref(module) for module in watched]
         self.tensors = [
-            (module, name, tensor, tensor.data_ptr())
+            (weakref.ref(module), name, weakref.ref(tensor), tensor.data_ptr())
             for module in watched
             for name, tensor in module._parameters.items()
             if tensor is not None
         ]
+        self.blocks = len(structure)
         self.layers = chains.decode_layers(operands)
         self.dtype = operands[0].qkv[0].dtype
         self.width, self.hidden, self.heads = width, operands[0].up[0].shape[0], heads
         self.head_dim = width // heads
         self.layout, self.activation, self.scale = layout, activation, scale
 
-    def current(self, owners: Sequence[nn.Module]) -> bool:
-        """Whether the plan still holds for these blocks (``owners``, as given to :func:`decode_plan`)."""
-        if len(owners) != len(self.owners) or any(a is not b for a, b in zip(owners, self.owners, strict=True)):
+    def current(self, structure: Sequence[Sequence[object]]) -> bool:
+        """Whether the plan still holds for the blocks whose structure (as given to :func:`decode_plan`)
+        is this."""
+        parts = [part for block in structure for part in block]
+        if len(parts) != len(self.structure):
+            return False
+        if any(ref() is not part for ref, part in zip(self.structure, parts, strict=True)):
             return False
         modules = torch.nn.modules.module
         if getattr(modules, "_global_forward_hooks", None) or getattr(modules, "_global_forward_pre_hooks", None):
             return False
-        for module in self.watched:
-            if module.training or module._forward_hooks or module._forward_pre_hooks:
+        for ref in self.watched:
+            module = ref()
+            if module is None or module.training or module._forward_hooks or module._forward_pre_hooks:
                 return False
-        return all(
-            module._parameters.get(name) is tensor and tensor.data_ptr() == address
-            for module, name, tensor, address in self.tensors
-        )
+        for module_ref, name, tensor_ref, address in self.tensors:
+            module, tensor = module_ref(), tensor_ref()
+            if module is None or tensor is None or module._parameters.get(name) is not tensor:
+                return False
+            if tensor.data_ptr() != address:
+                return False
+        return True
 
     def run(
         self,
@@ -832,7 +853,7 @@ class DecodePlan:
         where a key is padding. The kernel takes rows of the blocks' dtype (bfloat16: fewer than
         AMX_MAX_ROWS; float32: at most avx512.MAX_ROWS), autograd off, cache buffers of that dtype and the
         blocks' head size with room past ``position``."""
-        if x.dim() != 2 or x.shape[1] != self.width or x.dtype is not self.dtype or len(slots) != len(self.owners):
+        if x.dim() != 2 or x.shape[1] != self.width or x.dtype is not self.dtype or len(slots) != self.blocks:
             return None
         rows = x.shape[0]
         limit = AMX_MAX_ROWS - 1 if self.dtype is torch.bfloat16 else avx512.MAX_ROWS
@@ -868,21 +889,31 @@ class DecodePlan:
 def decode_plan(
     blocks: Sequence[PreNormBlock],
     *,
+    structure: Sequence[Sequence[object]],
     owners: Sequence[nn.Module],
     heads: int,
     layout: tuple[int, int, int, int],
     activation: str,
     scale: float,
 ) -> DecodePlan | None:
-    """A :class:`DecodePlan` for these blocks (``owners``: the modules they belong to, one per block,
-    whose submodules are watched), or None where no kernel can run them: CPU operands the kernel reads as
-    they lie (see :func:`_kernel_operand`, :func:`_kernel_norm`), all bfloat16 (the AMX kernel) or all
-    float32 (the AVX-512 kernel), widths multiples of 32, a head size of 32 to 256, no forward hooks and
-    no training mode in the blocks, the dtype's kernel ready.
+    """A :class:`DecodePlan` for these blocks, or None where no kernel can run them: plain ``nn.Linear`` and
+    ``nn.LayerNorm`` modules (not subclasses: no forward of their own, no parametrization) whose CPU
+    parameters the kernel reads as they lie (see :func:`_kernel_operand`, :func:`_kernel_norm`), all
+    bfloat16 (the AMX kernel) or all float32 (the AVX-512 kernel), widths multiples of 32, a head size of
+    32 to 256, no forward hooks and no training mode in the blocks, the dtype's kernel ready.
 
-    ``layout`` = (head stride, query, key, value offsets) in a row of the query-key-value projection."""
-    if not blocks or len(owners) != len(blocks) or activation not in ACTIVATIONS:
+    ``owners``: the modules the blocks belong to, one per block; every module in them is watched for hooks
+    and training mode, and their parameters for replacement. ``structure``: per block, the objects the
+    family's step is made of (its submodules, its attention backend), which must stay the same objects
+    (:meth:`DecodePlan.current`). ``layout`` = (head stride, query, key, value offsets) in a row of the
+    query-key-value projection."""
+    if not blocks or len(owners) != len(blocks) or len(structure) != len(blocks) or activation not in ACTIVATIONS:
         return None
+    for block in blocks:
+        if any(type(m) is not nn.Linear for m in (block.qkv, block.dense, block.up, block.down)):
+            return None
+        if type(block.norm) is not nn.LayerNorm or type(block.post_norm) is not nn.LayerNorm:
+            return None
     dtype = blocks[0].qkv.weight.dtype
     kernel = {torch.bfloat16: "amx-bf16", torch.float32: "avx512-fp32"}.get(dtype)
     if kernel is None or kernel not in _kernels():
@@ -913,7 +944,7 @@ def decode_plan(
             return None
         operands.append(chains.DecodeBlock(norm, qkv, dense, post, up, down))
     return DecodePlan(
-        owners, watched, operands, width=width, heads=heads, layout=layout, activation=activation, scale=scale
+        structure, watched, operands, width=width, heads=heads, layout=layout, activation=activation, scale=scale
     )
 
 

@@ -39,6 +39,14 @@ class FusedDecodeAttention(SdpaAttention):
         reasons = []
         if not context.family_capabilities.fused_decode:
             reasons.append(f"family '{context.family}' does not run its decode steps as one kernel call")
+        head, width = context.head_dim, context.head_dim * context.num_heads
+        if head % 32 or not 32 <= head <= 256 or width % 32:
+            reasons.append(
+                f"its kernel takes heads of 32 to 256 values in multiples of 32 and widths in multiples of 32; "
+                f"this model has heads of {head} and width {width}"
+            )
+        if reasons or context.device != "cpu" or context.dtype not in self.capabilities.dtypes:
+            return reasons  # the capabilities refuse the rest; no kernel is built to say more
         name, kernel = ("AMX", amx.status()) if context.dtype == "bfloat16" else ("AVX-512", avx512.status())
         if not kernel.ready:
             reasons.append(f"needs the {name} kernel for {context.dtype}, which is not used here: {kernel.reason}")

@@ -283,6 +283,20 @@ class BloomBlock(nn.Module):
         split = attn.tp_slices or mlp_.tp_slices or attn.dropping or mlp_.dropping
         return not (split or has_forward_hooks(attn) or has_forward_hooks(mlp_))
 
+    def fused_parts(self) -> tuple[Any, ...] | None:
+        """The objects a fused decode step of this block is made of (its submodules and its attention
+        backend), or None where they are not this family's (a replaced attention or MLP): a kept plan
+        holds while these stay the same objects (see :class:`registry.fused.DecodePlan`)."""
+        modules = self._modules
+        attn, mlp_ = modules.get("self_attention"), modules.get("mlp")
+        if not isinstance(attn, BloomAttention) or not isinstance(mlp_, BloomMLP):
+            return None
+        inner, feed = attn._modules, mlp_._modules
+        return (
+            modules.get("input_layernorm"), attn, inner.get("query_key_value"), inner.get("dense"), attn.backend,
+            modules.get("post_attention_layernorm"), mlp_, feed.get("dense_h_to_4h"), feed.get("dense_4h_to_h"),
+        )  # fmt: skip
+
     def takes_projection(self) -> bool:
         """Whether this block takes its query-key-value projection from the block before: it uses it as
         computed (pre-LayerNorm, fusable) and nothing may change its input first or watch the projection
@@ -442,9 +456,12 @@ class BloomModel(nn.Module):
         if bias is not None and not isinstance(bias, AlibiBias):
             return None
         blocks = list(self.h)
+        structure = [b.fused_parts() if isinstance(b, BloomBlock) else None for b in blocks]
+        if not structure or any(parts is None for parts in structure):
+            return None
         plan = _DECODE_PLANS.get(self)
-        if plan is None or not plan.current(blocks):
-            plan = self._plan_decode(blocks)
+        if plan is None or not plan.current(structure):
+            plan = self._plan_decode(blocks, structure)
             if plan is None:
                 _DECODE_PLANS.pop(self, None)
                 return None
@@ -466,15 +483,13 @@ class BloomModel(nn.Module):
         cache.commit(1)
         return y.view(B, 1, C)
 
-    def _plan_decode(self, blocks: list[nn.Module]) -> DecodePlan | None:
+    def _plan_decode(self, blocks: list[BloomBlock], structure: list[tuple[Any, ...]]) -> DecodePlan | None:
         """The blocks' fused decode step (:func:`registry.fused.decode_plan`), or None where it cannot be
-        planned: blocks of another kind, or that compute their projection otherwise (see
-        :meth:`BloomBlock.takes_projection`), or an attention backend that does not fuse."""
-        if not blocks or not all(isinstance(b, BloomBlock) and b.takes_projection() for b in blocks):
+        planned: blocks that compute their projection otherwise (see :meth:`BloomBlock.takes_projection`),
+        or an attention backend that does not fuse."""
+        if not all(b.takes_projection() and b.self_attention.backend.capabilities.fused_decode for b in blocks):
             return None
         first = blocks[0].self_attention
-        if not first.backend.capabilities.fused_decode:
-            return None
         modules = [
             PreNormBlock(
                 b.input_layernorm,
@@ -488,6 +503,7 @@ class BloomModel(nn.Module):
         ]
         return decode_plan(
             modules,
+            structure=structure,
             owners=blocks,
             heads=first.num_heads,
             layout=(3 * first.head_dim, 0, first.head_dim, 2 * first.head_dim),  # the projection's (H, 3, D)
@@ -548,8 +564,8 @@ class BloomFamily(Family):
         "token-classification": "BloomForTokenClassification",
         "question-answering": "BloomForQuestionAnswering",
     }
-    # no default attention: the accepted backend of highest priority ('fused-decode' where it can serve,
-    # a bfloat16 model on a CPU with the AMX kernel; else 'sdpa')
+    # no default attention: the accepted backend of highest priority ('fused-decode' where it can serve:
+    # a CPU with the dtype's kernel, heads it takes; else 'sdpa')
     defaults = {
         "position": "alibi",
         "cache": "dynamic",

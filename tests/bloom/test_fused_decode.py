@@ -13,6 +13,7 @@ import torch
 import registry
 from registry import amx, avx512, chains
 from registry.errors import CacheOverflowError, IncompatibleComponentsError
+from registry.fused import disabled as fused_off
 from registry.interfaces import KVCache
 
 from .conftest import PAD, left_padded_batch
@@ -253,3 +254,71 @@ def test_a_model_that_ran_fused_steps_copies_and_pickles(reference_checkpoint):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[]), first)
+
+
+class _Doubled(torch.nn.Linear):
+    """A linear layer with a forward of its own: the fast path must call it, not read its weight."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _Scaled(torch.nn.Module):
+    """A weight parametrization: the weight is computed on each access (no parameter of that name)."""
+
+    def forward(self, weight):
+        return 3 * weight
+
+
+@needs_amx
+def test_replaced_parametrized_or_subclassed_layers_are_followed(reference_checkpoint, monkeypatch):
+    from torch.nn.utils import parametrize
+
+    _, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, plain = _models(folder)
+    ids, mask = left_padded_batch(length=7)
+    tokens = torch.randint(4, 100, (3, 2), generator=torch.Generator().manual_seed(6))
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        _decode(fused, ids, mask, tokens)  # a plan is kept
+        assert len(steps) == 2
+        replaced = []  # kept alive: the plan must notice the new module, not the old one's end
+        for model in (fused, plain):  # a new module inside a kept block: a new plan reads its weights
+            old = model.backbone.h[0].mlp.dense_4h_to_h
+            replaced.append(old)
+            new = torch.nn.Linear(old.in_features, old.out_features, dtype=old.weight.dtype).eval()
+            new.weight.copy_(old.weight * 5)
+            new.bias.copy_(old.bias)
+            model.backbone.h[0].mlp.dense_4h_to_h = new
+        got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
+        assert len(steps) == 4 and (got - expected).abs().max() <= 0.1
+        for model in (fused, plain):  # a parametrized weight: computed per access, never planned
+            parametrize.register_parametrization(model.backbone.h[1].self_attention.dense, "weight", _Scaled())
+            model.eval()
+        got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
+        assert len(steps) == 4 and torch.isfinite(got).all() and (got - expected).abs().max() <= 0.1
+        for model in (fused, plain):  # a subclass with its own forward: called as a module
+            parametrize.remove_parametrizations(model.backbone.h[1].self_attention.dense, "weight")
+            old = model.backbone.h[1].self_attention.dense
+            doubled = _Doubled(old.in_features, old.out_features, dtype=old.weight.dtype).eval()
+            doubled.load_state_dict(old.state_dict())
+            model.backbone.h[1].self_attention.dense = doubled
+        got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
+        assert len(steps) == 4 and (got - expected).abs().max() <= 0.1
+        with fused_off():
+            unfused = _decode(plain, ids, mask, tokens)
+        assert (expected - unfused).abs().max() <= 0.1  # the subclass's forward ran on the fast path too
+
+
+def test_fused_decode_refuses_heads_its_kernel_does_not_take_without_building_kernels(monkeypatch):
+    def no_kernels():
+        raise AssertionError("selection built a kernel to refuse a model it could refuse without one")
+
+    report = registry.explain("bloom-560m", hidden_size=160, n_head=2, n_layer=1, dtype="bfloat16")
+    attention = report["slots"]["attention"]
+    candidates = {c["name"]: c for c in attention["candidates"]}
+    assert attention["chosen"] == "sdpa" and "heads of 80" in candidates["fused-decode"]["reasons"][0]
+    monkeypatch.setattr(amx, "status", no_kernels)
+    monkeypatch.setattr(avx512, "status", no_kernels)
+    assert registry.explain("bloom-560m", n_layer=1, device="meta")["slots"]["attention"]["chosen"] == "sdpa"
+    assert registry.explain("bert-base-uncased", num_hidden_layers=1)["slots"]["attention"]["chosen"] == "sdpa"

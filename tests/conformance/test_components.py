@@ -37,24 +37,26 @@ def _batch():
 
 
 # each plugin is tested in the first of these dtypes its selection accepts on this machine (float32 where
-# it can: tight tolerances), against the eager path in the same dtype
+# it can: tight tolerances), against the eager path in the same dtype; and in the first of these shapes it
+# accepts (heads of 8 values, else heads of 32, which kernels that need wide heads take)
 DTYPES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
+SHAPES = (SMALL, dict(SMALL, hidden_size=64, n_head=2))
 
 
 def _pair(slot: str, name: str, **overrides):
-    """(candidate model, eager reference model, tolerances) on the same weights, in the first dtype the
-    selection accepts the candidate in; skip if it refuses every one."""
+    """(candidate model, eager reference model, tolerances) on the same weights, in the first shape and
+    dtype the selection accepts the candidate in; skip if it refuses every one."""
     reasons = []
-    for dtype in DTYPES:
-        report = registry.explain("bloom-560m", **SMALL, **{slot: name}, dtype=dtype, **overrides)
+    for shape, dtype in ((shape, dtype) for shape in SHAPES for dtype in DTYPES):
+        report = registry.explain("bloom-560m", **{**shape, slot: name, "dtype": dtype, **overrides})
         choice = report["slots"][slot]
         if choice["chosen"] == name:
             break
-        reasons.append(f"{dtype}: {choice['reason']}")
+        reasons.append(f"{dtype}, hidden {shape['hidden_size']}: {choice['reason']}")
     else:
         pytest.skip(f"{slot} '{name}' does not fit a CPU BLOOM: {'; '.join(reasons)}")
-    candidate = registry.build("bloom-560m", **SMALL, **{slot: name}, dtype=dtype, **overrides).eval()
-    reference = registry.build("bloom-560m", **SMALL, attention="eager", dtype=dtype, **overrides).eval()
+    candidate = registry.build("bloom-560m", **{**shape, slot: name, "dtype": dtype, **overrides}).eval()
+    reference = registry.build("bloom-560m", **{**shape, "attention": "eager", "dtype": dtype, **overrides}).eval()
     reference.load_state_dict(candidate.state_dict())
     return candidate, reference, DTYPES[dtype]
 
