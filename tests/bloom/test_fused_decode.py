@@ -322,3 +322,20 @@ def test_fused_decode_refuses_heads_its_kernel_does_not_take_without_building_ke
     monkeypatch.setattr(avx512, "status", no_kernels)
     assert registry.explain("bloom-560m", n_layer=1, device="meta")["slots"]["attention"]["chosen"] == "sdpa"
     assert registry.explain("bert-base-uncased", num_hidden_layers=1)["slots"]["attention"]["chosen"] == "sdpa"
+
+
+@needs_avx512
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_seeded_sampling_on_fused_steps_draws_the_reference_s_tokens(reference_checkpoint, monkeypatch, cache):
+    ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, _ = _models(folder, cache, "float32")
+    ids, mask = left_padded_batch(length=7)
+    steps = _count_steps(monkeypatch)
+    options = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = ref.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD, eos_token_id=None, **options
+        )
+    got = fused.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], seed=5, **options)
+    assert len(steps) == 9 and torch.equal(got, expected)
