@@ -232,7 +232,7 @@ def run_decode_step(
 
     Without checks (:class:`registry.fused.DecodePlan` makes them): x is (rows, C) bfloat16 or float32,
     contiguous; weights of its dtype and contiguous, C, F and 3C multiples of 32, the head size a
-    multiple of 32 up to 256; every cache buffer of its dtype with the same strides, the head size
+    multiple of 16 up to 256; every cache buffer of its dtype with the same strides, the head size
     contiguous, room past ``position``. The dtype's kernel must be ready."""
     from registry import amx, avx512  # they import this module for its calling convention
 

@@ -900,7 +900,8 @@ def decode_plan(
     ``nn.LayerNorm`` modules (not subclasses: no forward of their own, no parametrization) whose CPU
     parameters the kernel reads as they lie (see :func:`_kernel_operand`, :func:`_kernel_norm`), all
     bfloat16 (the AMX kernel) or all float32 (the AVX-512 kernel), widths multiples of 32, a head size of
-    32 to 256, no forward hooks and no training mode in the blocks, the dtype's kernel ready.
+    16 to 256 in multiples of 16, no forward hooks and no training mode in the blocks, the dtype's kernel
+    ready.
 
     ``owners``: the modules the blocks belong to, one per block; every module in them is watched for hooks
     and training mode, and their parameters for replacement. ``structure``: per block, the objects the
@@ -920,7 +921,7 @@ def decode_plan(
         return None
     width = blocks[0].qkv.in_features
     head_dim = width // heads if heads > 0 else 0
-    if width % 32 or head_dim * heads != width or head_dim % 32 or head_dim > 256:
+    if width % 32 or head_dim * heads != width or head_dim % 16 or head_dim > 256:
         return None
     stride, *offsets = layout
     if min(stride, *offsets) < 0 or (heads - 1) * stride + max(offsets) + head_dim > 3 * width:

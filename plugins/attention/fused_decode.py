@@ -40,9 +40,9 @@ class FusedDecodeAttention(SdpaAttention):
         if not context.family_capabilities.fused_decode:
             reasons.append(f"family '{context.family}' does not run its decode steps as one kernel call")
         head, width = context.head_dim, context.head_dim * context.num_heads
-        if head % 32 or not 32 <= head <= 256 or width % 32:
+        if head % 16 or not 16 <= head <= 256 or width % 32:
             reasons.append(
-                f"its kernel takes heads of 32 to 256 values in multiples of 32 and widths in multiples of 32; "
+                f"its kernel takes heads of 16 to 256 values in multiples of 16 and widths in multiples of 32; "
                 f"this model has heads of {head} and width {width}"
             )
         if reasons or context.device != "cpu" or context.dtype not in self.capabilities.dtypes:

@@ -88,7 +88,7 @@ static inline void prefetch_row(const char* next_keys, const char* next_values, 
     }
 }
 
-/* Sequence b, head h, element type T (uint16_t: bfloat16, or float), D % 32 == 0 and D <= 256; `scores`:
+/* Sequence b, head h, element type T (uint16_t: bfloat16, or float), D % 16 == 0 and D <= 256; `scores`:
    room for position + 17 floats. `next` (b, h of the pair this thread attends next, or b < 0): its keys
    and values are prefetched while these are read, so that they stream in behind them instead of each
    pair waiting for memory at its start. */
@@ -128,10 +128,16 @@ static inline void prefetch_row(const char* next_keys, const char* next_values, 
         for (int64_t i = 0; i < parts; i++) STORE(out + 16 * i, _mm512_mul_ps(acc[i], inverse));              \
     }
 
-static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t D) {
+static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t D) { /* D % 16 == 0 */
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32)
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32)
         acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+    if (d < D) { /* the last 16 values: the other 16 pairs' lanes read as zero */
+        const __mmask32 half = 0xffff;
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(half, q + d),
+                               (__m512bh)_mm512_maskz_loadu_epi16(half, k + d));
+    }
     return _mm512_reduce_add_ps(acc);
 }
 

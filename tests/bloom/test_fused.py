@@ -64,7 +64,7 @@ def test_bfloat16_logits_are_close_to_the_reference_s(reference_checkpoint, conf
 @pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
 def test_bfloat16_blocks_run_as_one_kernel_chain_each_and_generate_as_the_plain_path(reference_checkpoint, monkeypatch):
     _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
-    model = registry.from_pretrained(folder, dtype="bfloat16")
+    model = registry.from_pretrained(folder, dtype="bfloat16", attention="sdpa")  # chains per block
     ids, mask = left_padded_batch(length=7)
     calls = []
     real = chains.run_chain
@@ -113,7 +113,7 @@ def test_a_block_whose_input_a_hook_changes_projects_it_itself(reference_checkpo
 @pytest.mark.skipif(not avx512.ready(), reason=f"AVX-512 kernel not usable here: {avx512.status().reason}")
 def test_float32_decode_steps_run_as_chains_and_generate_the_reference_s_tokens(reference_checkpoint, monkeypatch):
     ref, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
-    model = registry.from_pretrained(folder)
+    model = registry.from_pretrained(folder, attention="sdpa")  # chains per block
     ids, mask = left_padded_batch(length=7)
     calls = []
     real = chains.run_chain

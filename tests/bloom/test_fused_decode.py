@@ -64,12 +64,13 @@ def _truth(ref, folder, ids, mask, tokens):
     return result
 
 
+@pytest.mark.parametrize("config", ["h2-decode-kernel", "h2-decode-kernel-d48"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_decode_steps_run_as_one_kernel_call_each_with_the_module_path_s_numbers(
-    reference_checkpoint, monkeypatch, cache, dtype
+    reference_checkpoint, monkeypatch, cache, dtype, config
 ):
-    ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    ref, folder = reference_checkpoint("causal-lm", config)
     fused, plain = _models(folder, cache, dtype)
     ids, mask = left_padded_batch(length=7)  # rows padded by 0, 2 and 4 tokens
     tokens = torch.randint(4, 100, (3, 6), generator=torch.Generator().manual_seed(1))
@@ -314,10 +315,10 @@ def test_fused_decode_refuses_heads_its_kernel_does_not_take_without_building_ke
     def no_kernels():
         raise AssertionError("selection built a kernel to refuse a model it could refuse without one")
 
-    report = registry.explain("bloom-560m", hidden_size=160, n_head=2, n_layer=1, dtype="bfloat16")
+    report = registry.explain("bloom-560m", hidden_size=160, n_head=4, n_layer=1, dtype="bfloat16")
     attention = report["slots"]["attention"]
     candidates = {c["name"]: c for c in attention["candidates"]}
-    assert attention["chosen"] == "sdpa" and "heads of 80" in candidates["fused-decode"]["reasons"][0]
+    assert attention["chosen"] == "sdpa" and "heads of 40" in candidates["fused-decode"]["reasons"][0]
     monkeypatch.setattr(amx, "status", no_kernels)
     monkeypatch.setattr(avx512, "status", no_kernels)
     assert registry.explain("bloom-560m", n_layer=1, device="meta")["slots"]["attention"]["chosen"] == "sdpa"
