@@ -767,7 +767,7 @@ def attention_output_and_mlp(
 
 
 class PreNormBlock(NamedTuple):
-    """The modules of a pre-LayerNorm decoder block that :func:`decode_step` runs."""
+    """The modules of a pre-LayerNorm decoder block that a :class:`DecodePlan` runs (see :func:`decode_plan`)."""
 
     norm: nn.LayerNorm  # the input LayerNorm
     qkv: nn.Linear  # the query-key-value projection (3C x C)
