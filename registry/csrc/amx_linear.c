@@ -433,7 +433,7 @@ int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_
     return 0;
 }
 
-DEFINE_ATTEND_ONE(attend_one, uint16_t, 1, dot_bf16, widen_bf16, store_bf16_16)
+DEFINE_ATTENTION(attend_bf16, uint16_t, 1, dot_bf16, widen_bf16, store_bf16_16)
 
 /* A decode step of a pre-LayerNorm decoder's L blocks in one parallel region: for each block,
      Q, K, V = LayerNorm(X) Wqkv^T + bqkv          (the block's input LayerNorm and projection)
@@ -472,14 +472,7 @@ int registry_decode_bf16(const decode_layer* layers, int64_t L, uint16_t* X, int
                 layer_norm_rows(X, M, C, C, y->norm_w, y->norm_b, y->norm_eps, H3, C);
                 product(H3, M, C, y->qkv_w, C3, C, C, &eq, XT);
             }
-            decode_attention a = shared;
-            a.keys = y->keys;
-            a.values = y->values;
-            #pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < M * H; bh++) {
-                const int64_t next = bh + 1 < M * H ? bh + 1 : -1;
-                attend_one(&a, bh / H, bh % H, D, my_scores, next >= 0 ? next / H : -1, next >= 0 ? next % H : 0);
-            }
+            attend_bf16(&shared, y->keys, y->values, M, H, D, my_scores);
             const epilogue_args e0 = {y->dense_b, X, C, S, C, ACT_NONE}, e1 = {y->up_b, NULL, 0, Y1, F, act},
                                 e2 = {y->down_b, S, C, X, C, ACT_NONE};
             product(att, M, C, y->dense_w, C, C, C, &e0, XT);

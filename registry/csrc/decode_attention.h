@@ -88,12 +88,14 @@ static inline void prefetch_row(const char* next_keys, const char* next_values, 
     }
 }
 
-/* Sequence b, head h, element type T (uint16_t: bfloat16, or float), D % 16 == 0 and D <= 256; `scores`:
-   room for position + 17 floats. `next` (b, h of the pair this thread attends next, or b < 0): its keys
-   and values are prefetched while these are read, so that they stream in behind them instead of each
-   pair waiting for memory at its start. */
-#define DEFINE_ATTEND_ONE(NAME, T, BF16, DOT, WIDEN, STORE)                                                    \
-    static inline void NAME(const decode_attention* a, int64_t b, int64_t h, int64_t D, float* scores,          \
+/* NAME##_one: sequence b, head h, element type T (uint16_t: bfloat16, or float), D % 16 == 0 and D <= 256;
+   `scores`: room for position + 17 floats. `next` (b, h of the pair this thread attends next, or b < 0):
+   its keys and values are prefetched while these are read, so that they stream in behind them instead of
+   each pair waiting for memory at its start.
+   NAME: every (sequence, head) pair of M sequences and H heads, in the layer's cache buffers `keys` and
+   `values`, shared by the threads of a parallel region (each with its own `scores`); ends in a barrier. */
+#define DEFINE_ATTENTION(NAME, T, BF16, DOT, WIDEN, STORE)                                                     \
+    static inline void NAME##_one(const decode_attention* a, int64_t b, int64_t h, int64_t D, float* scores,    \
                             int64_t next_b, int64_t next_h) {                                                 \
         const T* row = (const T*)a->qkv + b * a->ld_qkv + h * a->head_stride;                                 \
         const T *q = row + a->q_offset, *k_new = row + a->k_offset, *v_new = row + a->v_offset;               \
@@ -126,6 +128,16 @@ static inline void prefetch_row(const char* next_keys, const char* next_values, 
         }                                                                                                     \
         T* out = (T*)a->out + b * a->ld_out + h * D;                                                          \
         for (int64_t i = 0; i < parts; i++) STORE(out + 16 * i, _mm512_mul_ps(acc[i], inverse));              \
+    }                                                                                                         \
+    static void NAME(const decode_attention* shared, void* keys, void* values, int64_t M, int64_t H, int64_t D, \
+                     float* scores) {                                                                         \
+        decode_attention a = *shared;                                                                         \
+        a.keys = keys;                                                                                        \
+        a.values = values;                                                                                    \
+        _Pragma("omp for schedule(static)") for (int64_t bh = 0; bh < M * H; bh++) {                          \
+            const int64_t next = bh + 1 < M * H ? bh + 1 : -1;                                                \
+            NAME##_one(&a, bh / H, bh % H, D, scores, next >= 0 ? next / H : -1, next >= 0 ? next % H : 0);   \
+        }                                                                                                     \
     }
 
 static inline float dot_bf16(const uint16_t* q, const uint16_t* k, int64_t D) { /* D % 16 == 0 */

@@ -203,7 +203,7 @@ int registry_chain_f32(const float* X, int64_t M, int64_t ldx, const float* W0, 
     return 0;
 }
 
-DEFINE_ATTEND_ONE(attend_one_f32, float, 0, dot_f32, _mm512_loadu_ps, store_f32_16)
+DEFINE_ATTENTION(attend_f32, float, 0, dot_f32, _mm512_loadu_ps, store_f32_16)
 
 /* registry_decode_bf16 (amx_linear.c) in float32: a decode step of a pre-LayerNorm decoder's L blocks in one
    parallel region, the attention as decode_attention.h computes it for a float32 model; same arguments
@@ -231,14 +231,7 @@ int registry_decode_f32(const decode_layer* layers, int64_t L, float* X, int64_t
                 layer_norm_rows_f32(X, M, C, C, y->norm_w, y->norm_b, y->norm_eps, H3, C);
                 product_f32(H3, M, C, y->qkv_w, C3, C, C, qkv, C3, &eq);
             }
-            decode_attention a = shared;
-            a.keys = y->keys;
-            a.values = y->values;
-            #pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < M * H; bh++) {
-                const int64_t next = bh + 1 < M * H ? bh + 1 : -1;
-                attend_one_f32(&a, bh / H, bh % H, D, my_scores, next >= 0 ? next / H : -1, next >= 0 ? next % H : 0);
-            }
+            attend_f32(&shared, y->keys, y->values, M, H, D, my_scores);
             const epilogue_f32 e0 = {y->dense_b, ACT_NONE, X, C}, e1 = {y->up_b, act, NULL, 0},
                                e2 = {y->down_b, ACT_NONE, S, C};
             product_f32(att, M, C, y->dense_w, C, C, C, S, C, &e0);
