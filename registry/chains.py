@@ -166,7 +166,7 @@ class DecodeLayer(ctypes.Structure):
 
 DECODE_ARGTYPES: list[Any] = [
     ctypes.POINTER(DecodeLayer), _integer, _pointer,  # layers, L, X
-    _integer, _integer, _integer, _integer, _integer,  # M, C, F, H, D
+    _integer, _integer, _integer, _integer, _integer, _integer,  # M, tokens, C, F, H, D
     ctypes.c_int, _integer, _integer, _integer, _integer,  # act, head_stride, q/k/v offsets
     _integer, _integer, _integer, _integer,  # sb, sh, sp, position
     _pointer, _pointer, _integer, _pointer, _integer,  # slopes, key_pos, ld_pos, valid, ld_valid
@@ -210,30 +210,33 @@ def run_decode_step(
     activation: str,
     position: int,
     scale: float,
+    tokens: int = 1,
     slopes: Tensor | None = None,
     key_positions: Tensor | None = None,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """A decode step of pre-LayerNorm blocks (``layers``, from :func:`decode_layers`; ``hidden``: their MLP's
-    width) in one kernel call (bfloat16 on the AMX kernel, float32 on the AVX-512 kernel, whose products
-    and chains are as :func:`run_chain` computes them): for each block, its input LayerNorm and
-    query-key-value projection; the new token's key and value written into the block's cache buffers
-    (``caches``, (keys, values) per block) at ``position``; its attention over positions 0 ..
-    ``position`` (scores and softmax in float32, the bias and mask added as a bfloat16 value per key, as
-    SDPA does with an additive mask in the model's dtype); the output projection and residual; the
-    post-attention LayerNorm;
+    """A step of pre-LayerNorm blocks (``layers``, from :func:`decode_layers`; ``hidden``: their MLP's width)
+    in one kernel call (bfloat16 on the AMX kernel, float32 on the AVX-512 kernel, whose products and
+    chains are as :func:`run_chain` computes them). x holds ``tokens`` new tokens of each sequence (rows
+    b * tokens + t): one for a decode step, more for a prompt. For each block: its input LayerNorm and
+    query-key-value projection; the new keys and values written into the block's cache buffers
+    (``caches``, (keys, values) per block) at slots ``position`` .. ``position + tokens - 1``; each new
+    token's attention over the slots up to its own (scores and softmax in float32, the bias and mask
+    added as a bfloat16 value per key, as SDPA does with an additive mask in the model's dtype; in a
+    bfloat16 prompt the softmax numerators are rounded to bfloat16 before they weigh the values, as
+    SDPA's CPU flash attention does); the output projection and residual; the post-attention LayerNorm;
     the MLP and its residual. Returns the last block's output; nothing returns to the interpreter between
     the blocks.
 
     ``layout`` = (head stride, query, key, value offsets): where head h's query, key and value lie in a
-    row of the projection. ``slopes`` (heads,) float32 with ``key_positions`` (rows, position + 1) float32:
-    the ALiBi bias ``slopes[h] * key_positions[b, j]`` (rounded to bfloat16 for it). ``valid`` (rows, position + 1)
-    uint8: 1 where a key may be attended to (none: all).
+    row of the projection. ``slopes`` (heads,) float32 with ``key_positions`` (sequences, >= position +
+    tokens) float32: the ALiBi bias ``slopes[h] * key_positions[b, j]`` (rounded to bfloat16 for it).
+    ``valid`` (sequences, >= position + tokens) uint8: 1 where a key may be attended to (none: all).
 
     Without checks (:class:`registry.fused.DecodePlan` makes them): x is (rows, C) bfloat16 or float32,
-    contiguous; weights of its dtype and contiguous, C, F and 3C multiples of 32, the head size a
-    multiple of 16 up to 256; every cache buffer of its dtype with the same strides, the head size
-    contiguous, room past ``position``. The dtype's kernel must be ready."""
+    contiguous, rows a multiple of ``tokens``; weights of its dtype and contiguous, C, F and 3C multiples
+    of 32, the head size a multiple of 16 up to 256; every cache buffer of its dtype with the same
+    strides, the head size contiguous, room for the new tokens. The dtype's kernel must be ready."""
     from registry import amx, avx512  # they import this module for its calling convention
 
     rows, width = x.shape
@@ -249,7 +252,7 @@ def run_decode_step(
     y = x.clone()
     qkv = torch.empty(rows, 3 * width, dtype=x.dtype)
     att = torch.empty(rows, width, dtype=x.dtype)
-    ld_scores = (position + 17 + 15) // 16 * 16
+    ld_scores = attention_work_floats(position, tokens, caches[0][0].shape[3], x.dtype)
     scores = torch.empty(threads, ld_scores, dtype=torch.float32)
     keys = caches[0][0]
     sb, sh, sp, _ = keys.stride()
@@ -258,7 +261,7 @@ def run_decode_step(
         scope = torch.profiler.record_function(f"registry.{kernel}.decode_step {rows} rows {len(caches)} blocks")
     with scope:
         failed = function(
-            step, len(caches), y.data_ptr(), rows, width, hidden, heads, keys.shape[3],
+            step, len(caches), y.data_ptr(), rows // tokens, tokens, width, hidden, heads, keys.shape[3],
             ACTIVATION_CODES[activation], *layout, sb, sh, sp, position,
             None if slopes is None else slopes.data_ptr(),
             None if key_positions is None else key_positions.data_ptr(),
@@ -266,6 +269,21 @@ def run_decode_step(
             None if valid is None else valid.data_ptr(), 0 if valid is None else valid.stride(0),
             scale, qkv.data_ptr(), att.data_ptr(), scores.data_ptr(), ld_scores, threads,
         )  # fmt: skip
-    if failed:
+    if failed == -1:
         raise MemoryError(f"the {kernel} kernel could not allocate its scratch memory")
+    if failed:
+        raise RuntimeError(f"the {kernel} kernel refused its work space ({ld_scores} floats a thread): a bug here")
     return y
+
+
+def attention_work_floats(position: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Floats of work space a thread of :func:`run_decode_step` needs for its attention, a multiple of 16:
+    the scores of one token (slots up to ``position + tokens - 1``, and 16 more), or for a bfloat16
+    prompt the packed keys and values, scores and biases of one (sequence, head) pair
+    (``prompt_work_floats`` in csrc/prompt_attention.h)."""
+    if tokens > 1 and dtype == torch.bfloat16:
+        keys = (position + tokens + 31) // 32 * 32
+        need = 2 * keys + keys * head_dim
+    else:
+        need = position + tokens + 16
+    return (need + 15) // 16 * 16

@@ -842,46 +842,50 @@ class DecodePlan:
         slots: Sequence[tuple[Tensor, Tensor]],
         *,
         position: int,
+        tokens: int = 1,
         slopes: Tensor | None = None,
         key_positions: Tensor | None = None,
         key_padding: Tensor | None = None,
     ) -> Tensor | None:
-        """The step on x (rows, C), the new tokens' hidden states after the embeddings: the last block's
-        output, or None where the kernel does not take it (nothing is written then). ``slots``: each
-        block's cache buffers (``KVCache.reserve``), ``position`` the slot of the new token;
-        ``slopes``/``key_positions``: an ALiBi bias; ``key_padding`` (rows, >= position + 1) bool: False
-        where a key is padding. The kernel takes rows of the blocks' dtype (bfloat16: fewer than
-        AMX_MAX_ROWS; float32: at most avx512.MAX_ROWS), autograd off, cache buffers of that dtype and the
-        blocks' head size with room past ``position``."""
+        """The step on x (rows, C), the new tokens' hidden states after the embeddings, ``tokens`` of each
+        sequence (rows b * tokens + t): the last block's output, or None where the kernel does not take it
+        (nothing is written then). ``slots``: each block's cache buffers (``KVCache.reserve``),
+        ``position`` the slot of each sequence's first new token; ``slopes``/``key_positions``: an ALiBi
+        bias; ``key_padding`` (sequences, >= position + tokens) bool: False where a key is padding. The
+        kernel takes rows of the blocks' dtype (bfloat16: fewer than AMX_MAX_ROWS; float32: at most
+        avx512.MAX_ROWS), autograd off, cache buffers of that dtype and the blocks' head size with room
+        for the new tokens."""
         if x.dim() != 2 or x.shape[1] != self.width or x.dtype is not self.dtype or len(slots) != self.blocks:
             return None
         rows = x.shape[0]
         limit = AMX_MAX_ROWS - 1 if self.dtype is torch.bfloat16 else avx512.MAX_ROWS
         if not _enabled or not x.is_cpu or torch.is_grad_enabled() or not 1 <= rows <= limit:
             return None
+        if tokens < 1 or rows % tokens:
+            return None
+        sequences, n = rows // tokens, position + tokens
         first = slots[0][0]
         if first.dtype is not self.dtype:
             return None
         for keys, values in slots:
-            if not (_cache_buffer(keys, rows, self.heads, self.head_dim, position, first)
-                    and _cache_buffer(values, rows, self.heads, self.head_dim, position, first)):  # fmt: skip
+            if not (_cache_buffer(keys, sequences, self.heads, self.head_dim, n, first)
+                    and _cache_buffer(values, sequences, self.heads, self.head_dim, n, first)):  # fmt: skip
                 return None
-        n = position + 1
         if slopes is not None:
             if key_positions is None or slopes.shape != (self.heads,) or key_positions.dim() != 2:
                 return None
-            if key_positions.shape[0] != rows or key_positions.shape[1] < n:
+            if key_positions.shape[0] != sequences or key_positions.shape[1] < n:
                 return None
             slopes = slopes.to(torch.float32).contiguous()
             key_positions = key_positions[:, :n].to(torch.float32).contiguous()
         valid = None
         if key_padding is not None:
-            if key_padding.dim() != 2 or key_padding.shape[0] != rows or key_padding.shape[1] < n:
+            if key_padding.dim() != 2 or key_padding.shape[0] != sequences or key_padding.shape[1] < n:
                 return None
             valid = key_padding[:, :n].to(torch.uint8).contiguous()
         return chains.run_decode_step(
             x.contiguous(), self.layers, list(slots), hidden=self.hidden, heads=self.heads, layout=self.layout,
-            activation=self.activation, position=position, scale=self.scale, slopes=slopes,
+            activation=self.activation, position=position, scale=self.scale, tokens=tokens, slopes=slopes,
             key_positions=key_positions if slopes is not None else None, valid=valid,
         )  # fmt: skip
 
@@ -949,9 +953,9 @@ def decode_plan(
     )
 
 
-def _cache_buffer(t: Tensor, rows: int, heads: int, head_dim: int, position: int, first: Tensor) -> bool:
+def _cache_buffer(t: Tensor, rows: int, heads: int, head_dim: int, slots: int, first: Tensor) -> bool:
     """Whether the kernel writes and reads ``t`` as a layer's cache buffer: on the CPU, (rows, heads,
-    capacity > position, head_dim) with contiguous head vectors, the dtype and strides of the first
+    capacity >= slots, head_dim) with contiguous head vectors, the dtype and strides of the first
     layer's (the plan checks that dtype against the model's)."""
     return (
         t.dtype is first.dtype
@@ -959,7 +963,7 @@ def _cache_buffer(t: Tensor, rows: int, heads: int, head_dim: int, position: int
         and t.dim() == 4
         and t.shape[0] == rows
         and t.shape[1] == heads
-        and t.shape[2] > position
+        and t.shape[2] >= slots
         and t.shape[3] == head_dim
         and t.stride(3) == 1
         and t.stride() == first.stride()

@@ -23,12 +23,21 @@ MIN_CAPACITY = 64  # tokens: the first allocation of a layer holds at least this
 
 
 class DynamicCache(KVCache):
-    def __init__(self, num_layers: int, expected_length: int | None = None):
+    def __init__(
+        self,
+        num_layers: int,
+        expected_length: int | None = None,
+        *,
+        like: tuple[int, int, int, torch.dtype, torch.device] | None = None,
+    ):
         if expected_length is not None and (
             not isinstance(expected_length, int) or isinstance(expected_length, bool) or expected_length < 0
         ):
             raise ValueError(f"expected_length must be a whole number of tokens >= 0, or None; got {expected_length!r}")
         self.expected_length = expected_length  # tokens the first allocation of a layer may make room for
+        # (batch, heads, head size, dtype, device) the model creates it for: what reserve() allocates when
+        # no update has shown them yet (update() allocates for what it is given)
+        self.like = like
         self._keys: list[Tensor | None] = [None] * num_layers  # (B, H, capacity, D)
         self._values: list[Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
@@ -70,11 +79,15 @@ class DynamicCache(KVCache):
         return self._lengths[layer]
 
     def reserve(self, new_tokens: int) -> list[tuple[Tensor, Tensor]] | None:
-        """Each layer's buffers with room for ``new_tokens`` more (grown as :meth:`update` grows them); None
-        before every layer holds tokens, or while the layers hold different numbers."""
-        length = self._lengths[0] if self._lengths else 0
-        if not length or any(n != length for n in self._lengths):
+        """Each layer's buffers with room for ``new_tokens`` more (grown as :meth:`update` grows them; an empty
+        cache's first buffers made as :meth:`update` would make them, for the shape it was created for).
+        None while the layers hold different numbers of tokens, or when the cache is empty and was created
+        without a shape (``like``)."""
+        if any(n != self._lengths[0] for n in self._lengths):
             return None
+        length = self._lengths[0] if self._lengths else 0
+        if not length:
+            return self._first_buffers(new_tokens)
         end = length + new_tokens
         slots = []
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
@@ -83,6 +96,21 @@ class DynamicCache(KVCache):
             if end > keys.shape[2]:
                 expected = self.expected_length or 0
                 keys, values = _grown(keys, keys, length, end, expected), _grown(values, values, length, end, expected)
+                self._keys[layer], self._values[layer] = keys, values
+            slots.append((keys, values))
+        return slots
+
+    def _first_buffers(self, new_tokens: int) -> list[tuple[Tensor, Tensor]] | None:
+        """reserve() on an empty cache: buffers of the created-for shape with room for ``new_tokens``."""
+        if self.like is None:
+            return None
+        batch, heads, head_dim, dtype, device = self.like
+        capacity = _first_capacity(new_tokens, self.expected_length or 0)
+        slots = []
+        for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            if not (_fits(keys, self.like, new_tokens) and _fits(values, self.like, new_tokens)):
+                keys = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
+                values = torch.empty(batch, heads, capacity, head_dim, dtype=dtype, device=device)
                 self._keys[layer], self._values[layer] = keys, values
             slots.append((keys, values))
         return slots
@@ -124,6 +152,20 @@ def _same_rows(buffer: Tensor, new: Tensor) -> bool:
     )
 
 
+def _fits(buffer: Tensor | None, like: tuple[int, int, int, torch.dtype, torch.device], tokens: int) -> bool:
+    """Whether an empty cache's ``buffer`` (from an earlier reserve()) holds ``tokens`` of the shape ``like``."""
+    if buffer is None:
+        return False
+    batch, heads, head_dim, dtype, device = like
+    return (
+        buffer.shape[:2] == (batch, heads)
+        and buffer.shape[3] == head_dim
+        and buffer.shape[2] >= tokens
+        and buffer.dtype == dtype
+        and buffer.device == device
+    )
+
+
 def _first_capacity(needed: int, expected: int) -> int:
     """Tokens a layer's first buffer holds: ``needed`` (at least MIN_CAPACITY), or the expected length
     where that is at most twice as much (the bound doubling keeps too)."""
@@ -162,7 +204,9 @@ class DynamicCachePlugin(CachePlugin):
         dtype: torch.dtype,
         device: torch.device,
     ) -> DynamicCache:
-        return DynamicCache(num_layers, expected_length=max_length)
+        return DynamicCache(
+            num_layers, expected_length=max_length, like=(batch_size, num_heads, head_dim, dtype, torch.device(device))
+        )
 
 
 dynamic = DynamicCachePlugin()

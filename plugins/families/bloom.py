@@ -400,8 +400,8 @@ class BloomModel(nn.Module):
         all_weights: list[Tensor] = []
         handoff = Handoff()  # a block's query-key-value projection, where the block before computed it
         blocks = list(self.h)
-        if T == 1 and cache is not None and not (output_hidden_states or output_attentions):
-            fused = self._fused_decode(x, cache, biases, rotate, key_padding, past)
+        if cache is not None and not (output_hidden_states or output_attentions):
+            fused = self._fused_step(x, cache, biases, rotate, key_padding, past)
             if fused is not None:
                 x, blocks = fused, []  # every block ran in the kernel
         for i, block in enumerate(blocks):
@@ -435,7 +435,7 @@ class BloomModel(nn.Module):
 
     # -- head parts -----------------------------------------------------------------------------------
 
-    def _fused_decode(
+    def _fused_step(
         self,
         x: Tensor,
         cache: KVCache,
@@ -444,11 +444,12 @@ class BloomModel(nn.Module):
         key_padding: Tensor | None,
         past: int,
     ) -> Tensor | None:
-        """A decode step's blocks in one kernel call (:class:`registry.fused.DecodePlan`), where the chosen
-        attention backend allows it (``fused_decode``: the ``fused-decode`` plugin) and nothing needs them
-        to run one by one: blocks of this family, pre-LayerNorm, in eval mode, with no tensor-parallel
-        slices and no forward hooks on a block or anything in it; no rotation; an ALiBi bias or none; a
-        cache that hands out its buffers (``KVCache.reserve``). Returns the last block's output, or None
+        """A step's blocks (a decode step, or a prompt's tokens) in one kernel call
+        (:class:`registry.fused.DecodePlan`), where the chosen attention backend allows it (``fused_decode``:
+        the ``fused-decode`` plugin) and nothing needs them to run one by one: blocks of this family,
+        pre-LayerNorm, in eval mode, with no tensor-parallel slices and no forward hooks on a block or
+        anything in it; no rotation; an ALiBi bias or none; a cache that hands out its buffers
+        (``KVCache.reserve``); as many rows as the kernel takes. Returns the last block's output, or None
         (then the blocks run as modules). The plan is kept between steps while it holds."""
         bias = biases[0] if biases else None
         if rotate is not None or any(b is not bias for b in biases):
@@ -466,22 +467,23 @@ class BloomModel(nn.Module):
                 _DECODE_PLANS.pop(self, None)
                 return None
             _DECODE_PLANS[self] = plan
-        slots = cache.reserve(1)
+        B, T, C = x.shape
+        slots = cache.reserve(T)
         if slots is None:
             return None
-        B, _, C = x.shape
         y = plan.run(
-            x.view(B, C),
+            x.reshape(B * T, C),
             slots,
             position=past,
+            tokens=T,
             slopes=None if bias is None else bias.slopes,
             key_positions=None if bias is None else bias.key_positions,
             key_padding=key_padding,
         )
         if y is None:
             return None
-        cache.commit(1)
-        return y.view(B, 1, C)
+        cache.commit(T)
+        return y.view(B, T, C)
 
     def _plan_decode(self, blocks: list[BloomBlock], structure: list[tuple[Any, ...]]) -> DecodePlan | None:
         """The blocks' fused decode step (:func:`registry.fused.decode_plan`), or None where it cannot be

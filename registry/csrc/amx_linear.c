@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "decode_attention.h"
+#include "prompt_attention.h"
 #include "scratch.h"
 #include "vector_math.h"
 
@@ -79,33 +80,6 @@ static inline void finish(__m512 v, int64_t m, int64_t n0, __mmask16 mask, const
     v = activate(v, e->act);
     if (e->R) v = _mm512_add_ps(v, load_bf16_masked(e->R + m * e->ldr + n0, mask));
     _mm256_mask_storeu_epi16(e->Y + m * e->ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-/* the columns of a 16 x 16 matrix of 32-bit values held as 16 rows, with 64 in-register shuffles: unpacks
-   make 4 x 4 blocks within each 128-bit lane, then two rounds of lane shuffles transpose the blocks */
-static inline void transpose_registers(const __m512 r[16], __m512 column[16]) {
-    __m512 t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int g = 0; g < 4; g++) { /* u[4g + c], lane L: column 4L + c of rows 4g .. 4g+3 */
-        const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
-        const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
-        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    for (int c = 0; c < 4; c++) {
-        const __m512 s0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), s1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-        const __m512 s2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-        const __m512 s3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-        column[c] = _mm512_shuffle_f32x4(s0, s2, 0x88);
-        column[4 + c] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
-        column[8 + c] = _mm512_shuffle_f32x4(s1, s3, 0x88);
-        column[12 + c] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
-    }
 }
 
 static inline void transpose_16x16(const float* acc, __m512 column[16]) { /* rows 16 floats apart */
@@ -435,27 +409,32 @@ int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_
 
 DEFINE_ATTENTION(attend_bf16, uint16_t, 1, dot_bf16, widen_bf16, store_bf16_16)
 
-/* A decode step of a pre-LayerNorm decoder's L blocks in one parallel region: for each block,
+/* A decode step of a pre-LayerNorm decoder's L blocks in one parallel region, or a prompt's: each of M
+   sequences brings `tokens` new tokens (rows b * tokens + t of X). For each block,
      Q, K, V = LayerNorm(X) Wqkv^T + bqkv          (the block's input LayerNorm and projection)
-     A = attention of Q over the cache, K and V written into it first (decode_attention.h)
+     A = attention of Q over the cache, K and V written into it first at slots position .. position +
+         tokens - 1 (decode_attention.h for one token, prompt_attention.h for more)
      S = A Wdense^T + bdense + X
      X = act(LayerNorm(S) Wup^T + bup) Wdown^T + bdown + S
-   X (M x C, contiguous) is the step's input (after the embeddings) and, on return, the last block's
+   X (M tokens x C, contiguous) is the step's input (after the embeddings) and, on return, the last block's
    output. C, F = Wup's rows and K = 3C as the projection's width must be multiples of 32; weights contiguous.
    Head h's query, key and value are at h * head_stride + q/k/v_offset of a projection row; the cache,
-   layer by layer, at b * sb + h * sh + position * sp. qkv (M x 3C), att (M x C) and scores (ld_scores
-   floats per thread, at least position + 17) are the caller's. Returns 0, or -1 if the scratch memory could
-   not be allocated (nothing written). */
-int registry_decode_bf16(const decode_layer* layers, int64_t L, uint16_t* X, int64_t M, int64_t C, int64_t F,
-                         int64_t H, int64_t D, int act, int64_t head_stride, int64_t q_offset, int64_t k_offset,
-                         int64_t v_offset, int64_t sb, int64_t sh, int64_t sp, int64_t position, const float* slopes,
-                         const float* key_pos, int64_t ld_pos, const uint8_t* valid, int64_t ld_valid, float scale,
-                         uint16_t* qkv, uint16_t* att, float* scores, int64_t ld_scores, int threads) {
-    const int64_t C3 = 3 * C;
-    uint32_t* const XT = M == 1 ? NULL : packed_rows(F > C ? F : C);
-    const chain_layout at = chain_scratch(M, 1, C, 1, C, 1, F, 1, C);
+   layer by layer, at b * sb + h * sh + slot * sp. qkv (M tokens x 3C), att (M tokens x C) and scores
+   (ld_scores floats per thread: at least position + 17 for one token, prompt_work_floats(position +
+   tokens, D) for more) are the caller's. Returns 0; -1 if the scratch memory could not be allocated, -2
+   if ld_scores is too small (nothing written either way). */
+int registry_decode_bf16(const decode_layer* layers, int64_t L, uint16_t* X, int64_t M, int64_t tokens, int64_t C,
+                         int64_t F, int64_t H, int64_t D, int act, int64_t head_stride, int64_t q_offset,
+                         int64_t k_offset, int64_t v_offset, int64_t sb, int64_t sh, int64_t sp, int64_t position,
+                         const float* slopes, const float* key_pos, int64_t ld_pos, const uint8_t* valid,
+                         int64_t ld_valid, float scale, uint16_t* qkv, uint16_t* att, float* scores, int64_t ld_scores,
+                         int threads) {
+    const int64_t C3 = 3 * C, R = M * tokens;
+    if (ld_scores < (tokens > 1 ? prompt_work_floats(position + tokens, D) : position + 17)) return -2;
+    uint32_t* const XT = R == 1 ? NULL : packed_rows(F > C ? F : C);
+    const chain_layout at = chain_scratch(R, 1, C, 1, C, 1, F, 1, C);
     uint16_t* const between = between_buffer(at.total);
-    if ((M > 1 && XT == NULL) || between == NULL) return -1;
+    if ((R > 1 && XT == NULL) || between == NULL) return -1;
     uint16_t *const S = between + at.s, *const Hn = between + at.h, *const Y1 = between + at.y1;
     uint16_t* const H3 = between + at.h3;
     const decode_attention shared = {qkv, C3, head_stride, q_offset, k_offset, v_offset, NULL, NULL, sb, sh, sp,
@@ -469,21 +448,24 @@ int registry_decode_bf16(const decode_layer* layers, int64_t L, uint16_t* X, int
             const decode_layer* const y = &layers[l];
             if (l == 0) { /* later blocks' projections are computed at the end of the block before */
                 const epilogue_args eq = {y->qkv_b, NULL, 0, qkv, C3, ACT_NONE};
-                layer_norm_rows(X, M, C, C, y->norm_w, y->norm_b, y->norm_eps, H3, C);
-                product(H3, M, C, y->qkv_w, C3, C, C, &eq, XT);
+                layer_norm_rows(X, R, C, C, y->norm_w, y->norm_b, y->norm_eps, H3, C);
+                product(H3, R, C, y->qkv_w, C3, C, C, &eq, XT);
             }
-            attend_bf16(&shared, y->keys, y->values, M, H, D, my_scores);
+            if (tokens > 1)
+                prompt_attend_bf16(&shared, y->keys, y->values, M, tokens, H, D, my_scores);
+            else
+                attend_bf16(&shared, y->keys, y->values, M, 1, H, D, my_scores);
             const epilogue_args e0 = {y->dense_b, X, C, S, C, ACT_NONE}, e1 = {y->up_b, NULL, 0, Y1, F, act},
                                 e2 = {y->down_b, S, C, X, C, ACT_NONE};
-            product(att, M, C, y->dense_w, C, C, C, &e0, XT);
-            layer_norm_rows(S, M, C, C, y->post_w, y->post_b, y->post_eps, Hn, C);
-            product(Hn, M, C, y->up_w, F, C, C, &e1, XT);
-            product(Y1, M, F, y->down_w, C, F, F, &e2, XT);
+            product(att, R, C, y->dense_w, C, C, C, &e0, XT);
+            layer_norm_rows(S, R, C, C, y->post_w, y->post_b, y->post_eps, Hn, C);
+            product(Hn, R, C, y->up_w, F, C, C, &e1, XT);
+            product(Y1, R, F, y->down_w, C, F, F, &e2, XT);
             if (l + 1 < L) {
                 const decode_layer* const z = &layers[l + 1];
                 const epilogue_args eq = {z->qkv_b, NULL, 0, qkv, C3, ACT_NONE};
-                layer_norm_rows(X, M, C, C, z->norm_w, z->norm_b, z->norm_eps, H3, C);
-                product(H3, M, C, z->qkv_w, C3, C, C, &eq, XT);
+                layer_norm_rows(X, R, C, C, z->norm_w, z->norm_b, z->norm_eps, H3, C);
+                product(H3, R, C, z->qkv_w, C3, C, C, &eq, XT);
             }
         }
         _mm_setcsr(caller_csr);

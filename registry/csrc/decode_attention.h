@@ -20,18 +20,18 @@
 
 /* where a step's attention reads and writes (one layer); element type: the kernel's (bfloat16 or float32) */
 typedef struct {
-    const void* qkv; /* the new tokens' projections, one row of `ld_qkv` values per sequence */
+    const void* qkv; /* the new tokens' projections, one row of `ld_qkv` values per token (b * tokens + t) */
     int64_t ld_qkv, head_stride, q_offset, k_offset, v_offset; /* head h: q at h * head_stride + q_offset */
     void *keys, *values; /* the cache: [b][h][position][d] at b * sb + h * sh + position * sp + d */
     int64_t sb, sh, sp;
-    int64_t position;     /* the slot of the new token: it attends to slots 0 .. position */
+    int64_t position;     /* the slot of a sequence's first new token (each attends to the slots up to its own) */
     const float* slopes;  /* ALiBi slopes (heads), or NULL: no bias */
     const float* key_pos; /* ALiBi key positions, `ld_pos` per sequence (with slopes) */
     int64_t ld_pos;
     const uint8_t* valid; /* 1 where a key may be attended to, `ld_valid` per sequence; NULL: every key */
     int64_t ld_valid;
     float scale;
-    void* out; /* heads merged: out[b * ld_out + h * D + d] */
+    void* out; /* heads merged: out[row * ld_out + h * D + d] */
     int64_t ld_out;
 } decode_attention;
 
@@ -88,21 +88,23 @@ static inline void prefetch_row(const char* next_keys, const char* next_values, 
     }
 }
 
-/* NAME##_one: sequence b, head h, element type T (uint16_t: bfloat16, or float), D % 16 == 0 and D <= 256;
-   `scores`: room for position + 17 floats. `next` (b, h of the pair this thread attends next, or b < 0):
-   its keys and values are prefetched while these are read, so that they stream in behind them instead of
-   each pair waiting for memory at its start.
-   NAME: every (sequence, head) pair of M sequences and H heads, in the layer's cache buffers `keys` and
-   `values`, shared by the threads of a parallel region (each with its own `scores`); ends in a barrier. */
+/* NAME##_one: sequence b, head h, the new token of projection row `row` at cache slot `slot` (it attends to
+   slots 0 .. slot), element type T (uint16_t: bfloat16, or float), D % 16 == 0 and D <= 256; `scores`:
+   room for slot + 17 floats. `next` (b, h of the pair this thread attends next, or b < 0): its keys and
+   values are prefetched while these are read, so that they stream in behind them instead of each pair
+   waiting for memory at its start.
+   NAME: every (sequence, head) pair of M sequences of `tokens` new tokens each (rows b * tokens + t, at
+   slots position + t, one after another) and H heads, in the layer's cache buffers `keys` and `values`,
+   shared by the threads of a parallel region (each with its own `scores`); ends in a barrier. */
 #define DEFINE_ATTENTION(NAME, T, BF16, DOT, WIDEN, STORE)                                                     \
-    static inline void NAME##_one(const decode_attention* a, int64_t b, int64_t h, int64_t D, float* scores,    \
-                            int64_t next_b, int64_t next_h) {                                                 \
-        const T* row = (const T*)a->qkv + b * a->ld_qkv + h * a->head_stride;                                 \
+    static inline void NAME##_one(const decode_attention* a, int64_t b, int64_t r, int64_t slot, int64_t h,      \
+                                  int64_t D, float* scores, int64_t next_b, int64_t next_h) {                 \
+        const T* row = (const T*)a->qkv + r * a->ld_qkv + h * a->head_stride;                                 \
         const T *q = row + a->q_offset, *k_new = row + a->k_offset, *v_new = row + a->v_offset;               \
         T *keys = (T*)a->keys + b * a->sb + h * a->sh, *values = (T*)a->values + b * a->sb + h * a->sh;       \
-        memcpy(keys + a->position * a->sp, k_new, (size_t)D * sizeof(T));                                     \
-        memcpy(values + a->position * a->sp, v_new, (size_t)D * sizeof(T));                                  \
-        const int64_t n = a->position + 1, row_bytes = D * (int64_t)sizeof(T);                                \
+        memcpy(keys + slot * a->sp, k_new, (size_t)D * sizeof(T));                                            \
+        memcpy(values + slot * a->sp, v_new, (size_t)D * sizeof(T));                                          \
+        const int64_t n = slot + 1, row_bytes = D * (int64_t)sizeof(T);                                \
         const int64_t stride_bytes = a->sp * (int64_t)sizeof(T);                                              \
         const char *next_keys = NULL, *next_values = NULL;                                                    \
         if (next_b >= 0) {                                                                                    \
@@ -126,17 +128,20 @@ static inline void prefetch_row(const char* next_keys, const char* next_values, 
             const T* value = values + j * a->sp;                                                              \
             for (int64_t i = 0; i < parts; i++) acc[i] = _mm512_fmadd_ps(p, WIDEN(value + 16 * i), acc[i]);   \
         }                                                                                                     \
-        T* out = (T*)a->out + b * a->ld_out + h * D;                                                          \
+        T* out = (T*)a->out + r * a->ld_out + h * D;                                                          \
         for (int64_t i = 0; i < parts; i++) STORE(out + 16 * i, _mm512_mul_ps(acc[i], inverse));              \
     }                                                                                                         \
-    static void NAME(const decode_attention* shared, void* keys, void* values, int64_t M, int64_t H, int64_t D, \
-                     float* scores) {                                                                         \
+    static void NAME(const decode_attention* shared, void* keys, void* values, int64_t M, int64_t tokens,      \
+                     int64_t H, int64_t D, float* scores) {                                                   \
         decode_attention a = *shared;                                                                         \
         a.keys = keys;                                                                                        \
         a.values = values;                                                                                    \
         _Pragma("omp for schedule(static)") for (int64_t bh = 0; bh < M * H; bh++) {                          \
-            const int64_t next = bh + 1 < M * H ? bh + 1 : -1;                                                \
-            NAME##_one(&a, bh / H, bh % H, D, scores, next >= 0 ? next / H : -1, next >= 0 ? next % H : 0);   \
+            const int64_t b = bh / H, h = bh % H, next = bh + 1 < M * H ? bh + 1 : -1;                        \
+            for (int64_t t = 0; t + 1 < tokens; t++)                                                          \
+                NAME##_one(&a, b, b * tokens + t, a.position + t, h, D, scores, -1, 0);                       \
+            NAME##_one(&a, b, b * tokens + tokens - 1, a.position + tokens - 1, h, D, scores,                 \
+                       next >= 0 ? next / H : -1, next >= 0 ? next % H : 0);                                  \
         }                                                                                                     \
     }
 

@@ -205,16 +205,20 @@ int registry_chain_f32(const float* X, int64_t M, int64_t ldx, const float* W0, 
 
 DEFINE_ATTENTION(attend_f32, float, 0, dot_f32, _mm512_loadu_ps, store_f32_16)
 
-/* registry_decode_bf16 (amx_linear.c) in float32: a decode step of a pre-LayerNorm decoder's L blocks in one
-   parallel region, the attention as decode_attention.h computes it for a float32 model; same arguments
-   (float32 tensors). Returns 0, or -1 if the scratch memory could not be allocated (nothing written). */
-int registry_decode_f32(const decode_layer* layers, int64_t L, float* X, int64_t M, int64_t C, int64_t F, int64_t H,
-                        int64_t D, int act, int64_t head_stride, int64_t q_offset, int64_t k_offset, int64_t v_offset,
-                        int64_t sb, int64_t sh, int64_t sp, int64_t position, const float* slopes,
-                        const float* key_pos, int64_t ld_pos, const uint8_t* valid, int64_t ld_valid, float scale,
-                        float* qkv, float* att, float* scores, int64_t ld_scores, int threads) {
-    const int64_t C3 = 3 * C;
-    const chain_layout at = chain_scratch(M, 1, C, 1, C, 1, F, 1, C);
+/* registry_decode_bf16 (amx_linear.c) in float32: a step of a pre-LayerNorm decoder's L blocks in one
+   parallel region, the attention as decode_attention.h computes it for a float32 model, token by token
+   (M x tokens at most 16 rows); same arguments (float32 tensors; scores: at least position + tokens + 16
+   floats per thread). Returns 0; -1 if the scratch memory could not be allocated, -2 if ld_scores is too
+   small (nothing written either way). */
+int registry_decode_f32(const decode_layer* layers, int64_t L, float* X, int64_t M, int64_t tokens, int64_t C,
+                        int64_t F, int64_t H, int64_t D, int act, int64_t head_stride, int64_t q_offset,
+                        int64_t k_offset, int64_t v_offset, int64_t sb, int64_t sh, int64_t sp, int64_t position,
+                        const float* slopes, const float* key_pos, int64_t ld_pos, const uint8_t* valid,
+                        int64_t ld_valid, float scale, float* qkv, float* att, float* scores, int64_t ld_scores,
+                        int threads) {
+    const int64_t C3 = 3 * C, R = M * tokens;
+    if (ld_scores < position + tokens + 16) return -2;
+    const chain_layout at = chain_scratch(R, 1, C, 1, C, 1, F, 1, C);
     float* const between = registry_scratch(SCRATCH_CHAIN_F32, (size_t)at.total * sizeof(float));
     if (between == NULL) return -1;
     float *const S = between + at.s, *const Hn = between + at.h, *const Y1 = between + at.y1;
@@ -228,21 +232,21 @@ int registry_decode_f32(const decode_layer* layers, int64_t L, float* X, int64_t
             const decode_layer* const y = &layers[l];
             if (l == 0) { /* later blocks' projections are computed at the end of the block before */
                 const epilogue_f32 eq = {y->qkv_b, ACT_NONE, NULL, 0};
-                layer_norm_rows_f32(X, M, C, C, y->norm_w, y->norm_b, y->norm_eps, H3, C);
-                product_f32(H3, M, C, y->qkv_w, C3, C, C, qkv, C3, &eq);
+                layer_norm_rows_f32(X, R, C, C, y->norm_w, y->norm_b, y->norm_eps, H3, C);
+                product_f32(H3, R, C, y->qkv_w, C3, C, C, qkv, C3, &eq);
             }
-            attend_f32(&shared, y->keys, y->values, M, H, D, my_scores);
+            attend_f32(&shared, y->keys, y->values, M, tokens, H, D, my_scores);
             const epilogue_f32 e0 = {y->dense_b, ACT_NONE, X, C}, e1 = {y->up_b, act, NULL, 0},
                                e2 = {y->down_b, ACT_NONE, S, C};
-            product_f32(att, M, C, y->dense_w, C, C, C, S, C, &e0);
-            layer_norm_rows_f32(S, M, C, C, y->post_w, y->post_b, y->post_eps, Hn, C);
-            product_f32(Hn, M, C, y->up_w, F, C, C, Y1, F, &e1);
-            product_f32(Y1, M, F, y->down_w, C, F, F, X, C, &e2);
+            product_f32(att, R, C, y->dense_w, C, C, C, S, C, &e0);
+            layer_norm_rows_f32(S, R, C, C, y->post_w, y->post_b, y->post_eps, Hn, C);
+            product_f32(Hn, R, C, y->up_w, F, C, C, Y1, F, &e1);
+            product_f32(Y1, R, F, y->down_w, C, F, F, X, C, &e2);
             if (l + 1 < L) {
                 const decode_layer* const z = &layers[l + 1];
                 const epilogue_f32 eq = {z->qkv_b, ACT_NONE, NULL, 0};
-                layer_norm_rows_f32(X, M, C, C, z->norm_w, z->norm_b, z->norm_eps, H3, C);
-                product_f32(H3, M, C, z->qkv_w, C3, C, C, qkv, C3, &eq);
+                layer_norm_rows_f32(X, R, C, C, z->norm_w, z->norm_b, z->norm_eps, H3, C);
+                product_f32(H3, R, C, z->qkv_w, C3, C, C, qkv, C3, &eq);
             }
         }
     }

@@ -1,6 +1,6 @@
-/* Vector math shared by the kernels (AVX-512F, float32 lanes): the activations of their epilogues and the
-   moments of a LayerNorm. Included by amx_linear.c and linear_f32.c; registry/native.py hashes it with
-   them. */
+/* Vector math shared by the kernels (AVX-512F, float32 lanes): the activations of their epilogues, the
+   moments of a LayerNorm and a 16 x 16 transpose. Included by amx_linear.c and linear_f32.c;
+   registry/native.py hashes it with them. */
 #ifndef REGISTRY_VECTOR_MATH_H
 #define REGISTRY_VECTOR_MATH_H
 
@@ -119,6 +119,33 @@ static inline __attribute__((always_inline)) void layer_norm_row(const void* x, 
     for (int64_t k = 0; k < K; k += 16) {
         const __m512 normed = _mm512_add_ps(_mm512_mul_ps(load(x, k), scale), shift);
         store(out, k, _mm512_add_ps(_mm512_mul_ps(normed, load(gamma, k)), load(beta, k)));
+    }
+}
+
+/* the columns of a 16 x 16 matrix of 32-bit values held as 16 rows, with 64 in-register shuffles: unpacks
+   make 4 x 4 blocks within each 128-bit lane, then two rounds of lane shuffles transpose the blocks */
+static inline void transpose_registers(const __m512 r[16], __m512 column[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; g++) { /* u[4g + c], lane L: column 4L + c of rows 4g .. 4g+3 */
+        const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+        u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512 s0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), s1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+        const __m512 s2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512 s3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+        column[c] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+        column[4 + c] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
+        column[8 + c] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+        column[12 + c] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
     }
 }
 

@@ -27,6 +27,9 @@ CONFIGS = {
     "h2-decode-kernel": dict(hidden_size=64, n_layer=3, n_head=2, initializer_range=0.2),
     # heads of 48 values: the fused attention's dot products take a last half-chunk of 16
     "h2-decode-kernel-d48": dict(hidden_size=96, n_layer=2, n_head=2, initializer_range=0.2),
+    # heads of 64 and 128 values: the prompt attention's weighted sums unrolled for them (bloom-560m, 7b1)
+    "h2-decode-kernel-d64": dict(hidden_size=128, n_layer=2, n_head=2, initializer_range=0.2),
+    "h2-decode-kernel-d128": dict(hidden_size=256, n_layer=2, n_head=2, initializer_range=0.2),
 }
 
 HEAD_CLASSES = {

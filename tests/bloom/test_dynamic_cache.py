@@ -63,6 +63,23 @@ def test_a_far_longer_expected_length_is_not_reserved_up_front():
     assert cache._keys[0].shape[2] == 100
 
 
+def test_an_empty_cache_reserves_its_first_buffers_for_the_shape_it_was_created_for():
+    like = (2, 3, 4, torch.float32, torch.device("cpu"))
+    assert DynamicCache(num_layers=2).reserve(5) is None  # created without a shape: update() decides it
+    cache = DynamicCache(num_layers=2, expected_length=100, like=like)
+    slots = cache.reserve(70)
+    assert [tuple(k.shape) for k, _ in slots] == [(2, 3, 100, 4)] * 2  # as update() would: the expected length
+    assert cache.get_seq_length() == 0 and cache.reserve(70)[0][0].data_ptr() == slots[0][0].data_ptr()
+    keys, values = _kv(70, 0)
+    for k, v in slots:  # what a kernel does: write, then commit
+        k[:, :, :70], v[:, :, :70] = keys, values
+    cache.commit(70)
+    assert torch.equal(cache.keys[1], keys) and cache._keys[1].data_ptr() == slots[1][0].data_ptr()
+    assert cache.update(0, *_kv(1, 1))[0].data_ptr() == slots[0][0].data_ptr()  # written in place after them
+    small = DynamicCache(num_layers=1, like=like)
+    assert small.reserve(3)[0][0].shape[2] == MIN_CAPACITY
+
+
 @pytest.mark.parametrize("bad", [-1, 100.0, True, "80"])
 def test_an_expected_length_that_is_not_a_token_count_is_refused(bad):
     with pytest.raises(ValueError, match="expected_length must be a whole number of tokens >= 0, or None"):

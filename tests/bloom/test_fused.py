@@ -87,7 +87,7 @@ def test_bfloat16_blocks_run_as_one_kernel_chain_each_and_generate_as_the_plain_
 @pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
 def test_a_block_whose_input_a_hook_changes_projects_it_itself(reference_checkpoint, monkeypatch):
     _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
-    model = registry.from_pretrained(folder, dtype="bfloat16")
+    model = registry.from_pretrained(folder, dtype="bfloat16", attention="sdpa")  # chains per block
     ids, mask = left_padded_batch(length=7)
     handed = []  # per block: whether it was handed its projection by the block before
     core = BloomAttention.core
@@ -143,7 +143,7 @@ def _handed(monkeypatch) -> list[bool]:
 @pytest.mark.skipif(not amx.ready(), reason=f"AMX kernel not usable here: {amx.status().reason}")
 def test_a_block_whose_output_a_hook_changes_hands_nothing_on(reference_checkpoint, monkeypatch):
     _, folder = reference_checkpoint("causal-lm", "h4-kernel-widths")
-    model = registry.from_pretrained(folder, dtype="bfloat16")
+    model = registry.from_pretrained(folder, dtype="bfloat16", attention="sdpa")  # chains per block
     ids, mask = left_padded_batch(length=7)
     shift = torch.linspace(-2, 2, 64).bfloat16()
     # a hook that returns the reference's (output, weights) pair, changed

@@ -78,9 +78,11 @@ def test_decode_steps_run_as_one_kernel_call_each_with_the_module_path_s_numbers
     with torch.no_grad():
         new = (lambda m: m.new_cache(3, 7 + 6)) if cache == "static" else (lambda m: None)
         got = _decode(fused, ids, mask, tokens, new(fused))
-        assert len(steps) == tokens.shape[1]  # every decode step, not the prompt
+        # every decode step, and the prompt in bfloat16 (its 21 rows are more than the float32 kernel takes)
+        fused_calls = tokens.shape[1] + (dtype == "bfloat16")
+        assert len(steps) == fused_calls
         plain_logits = _decode(plain, ids, mask, tokens, new(plain))
-        assert len(steps) == tokens.shape[1]  # 'sdpa' never fuses: the two can be A/B tested
+        assert len(steps) == fused_calls  # 'sdpa' never fuses: the two can be A/B tested
         exact, reference = _truth(ref, folder, ids, mask, tokens)
     if dtype == "float32":  # the same function, summed in another order
         torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-4)
@@ -90,6 +92,76 @@ def test_decode_steps_run_as_one_kernel_call_each_with_the_module_path_s_numbers
     reference_error = (reference - exact).abs().max()
     assert (got - exact).abs().max() <= 2 * reference_error + 1e-3
     assert (got - plain_logits).abs().max() <= 2 * reference_error + 1e-3
+
+
+def _prompt(batch: int, length: int, pad: int, seed: int):
+    """Token ids whose last row is left-padded by ``pad``, and the mask."""
+    ids = torch.randint(4, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    ids[-1, :pad], mask[-1, :pad] = PAD, 0
+    return ids, mask
+
+
+def _prompt_logits(model, ids, mask, cut=None, cache=None):
+    """Logits at every position of a prompt fed whole, or as ids[:, :cut] then the rest (a second chunk)."""
+    if cut is None:
+        return model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits.float()
+    first = model(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], past_key_values=cache, use_cache=True)
+    second = model(input_ids=ids[:, cut:], attention_mask=mask, past_key_values=first.past_key_values)
+    return torch.cat([first.logits, second.logits], 1).float()
+
+
+@needs_amx
+@pytest.mark.parametrize("cut", [None, 37], ids=["whole", "in-two-chunks"])
+@pytest.mark.parametrize("config", ["h2-decode-kernel", "h2-decode-kernel-d48", "h2-decode-kernel-d64",
+                                    "h2-decode-kernel-d128"])  # fmt: skip
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_bfloat16_prompt_runs_as_one_kernel_call_with_the_module_path_s_numbers(
+    reference_checkpoint, monkeypatch, cache, config, cut
+):
+    """Prompts of 45 tokens (several blocks of 16 and 32 keys, odd counts), the second row left-padded by 6:
+    every real position's logits against the float32 truth and the module path ('sdpa'); in two chunks,
+    the second (8 tokens) attends to the first's keys in the cache."""
+    ref, folder = reference_checkpoint("causal-lm", config)
+    fused, plain = _models(folder, cache)
+    ids, mask = _prompt(2, 45, pad=6, seed=7)
+    real = mask.bool()
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        new = (lambda m: m.new_cache(2, 45)) if cache == "static" else (lambda m: None)
+        got = _prompt_logits(fused, ids, mask, cut, new(fused))
+        assert len(steps) == (1 if cut is None else 2)
+        plain_logits = _prompt_logits(plain, ids, mask, cut, new(plain))
+        assert len(steps) == (1 if cut is None else 2)
+        exact = ref(input_ids=ids, attention_mask=mask).logits.float()
+        bf16 = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
+        reference_error = (bf16(input_ids=ids, attention_mask=mask).logits.float() - exact)[real].abs().max()
+    assert (got - exact)[real].abs().max() <= 2 * reference_error + 1e-3
+    assert (got - plain_logits)[real].abs().max() <= 2 * reference_error + 1e-3
+
+
+@needs_avx512
+def test_a_float32_prompt_of_few_rows_runs_in_the_kernel_token_by_token(reference_checkpoint, monkeypatch):
+    ref, folder = reference_checkpoint("causal-lm", "h2-decode-kernel-d48")
+    fused, _ = _models(folder, dtype="float32")
+    ids, mask = _prompt(2, 8, pad=3, seed=8)
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        got = _prompt_logits(fused, ids, mask, cut=5)  # 10 rows, then 6: at most the kernel's 16
+        assert len(steps) == 2
+        exact = ref(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], exact[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+@needs_amx
+def test_a_prompt_of_more_rows_than_the_kernel_takes_runs_module_by_module(reference_checkpoint, monkeypatch):
+    _, folder = reference_checkpoint("causal-lm", "h2-decode-kernel")
+    fused, plain = _models(folder)
+    ids, mask = _prompt(2, 128, pad=0, seed=9)  # 256 rows: AMX_MAX_ROWS
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        got, expected = _prompt_logits(fused, ids, mask), _prompt_logits(plain, ids, mask)
+    assert len(steps) == 0 and torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -103,7 +175,7 @@ def test_greedy_generation_is_the_module_path_s_and_the_reference_s_tokens(
     ids, mask = left_padded_batch(length=7)
     steps = _count_steps(monkeypatch)
     got = fused.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
-    assert len(steps) == 9  # the first new token comes from the prompt
+    assert len(steps) == 9 + (dtype == "bfloat16")  # the prompt gives the first new token (fused in bfloat16)
     expected = plain.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     with torch.no_grad():
         theirs = reference.generate(
@@ -123,7 +195,7 @@ def test_a_dynamic_cache_grows_inside_a_fused_step(reference_checkpoint, monkeyp
     steps = _count_steps(monkeypatch)
     with torch.no_grad():
         got = _decode(fused, ids, mask, tokens)  # the buffers hold 64 tokens: the third step grows them
-        assert len(steps) == 5
+        assert len(steps) == 1 + 5  # the prompt, into an empty cache, then the steps
         exact, reference = _truth(ref, folder, ids, mask, tokens)
     assert (got - exact).abs().max() <= 2 * (reference - exact).abs().max() + 1e-3
 
@@ -165,13 +237,14 @@ def test_steps_the_kernel_cannot_take_run_module_by_module(reference_checkpoint,
     steps = _count_steps(monkeypatch)
     with torch.no_grad():
         expected = _decode(fused, ids, mask, tokens)
-        assert len(steps) == 3
+        assert len(steps) == 1 + 3
         steps.clear()
         # a cache that does not hand out its buffers
         got = _decode(fused, ids, mask, tokens, _Wrapped(fused.new_cache(3, None)))
         assert len(steps) == 0 and (got - expected).abs().max() <= 0.1  # logits up to ~5: a few bfloat16 steps
         # hidden states asked for
         out = fused(input_ids=ids, attention_mask=mask, use_cache=True)
+        steps.clear()
         step = fused(
             input_ids=tokens[:, :1], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1),
             past_key_values=out.past_key_values, output_hidden_states=True,
@@ -211,22 +284,22 @@ def test_the_kept_plan_follows_replaced_parameters_and_replaced_blocks(reference
     steps = _count_steps(monkeypatch)
     with torch.no_grad():
         _decode(fused, ids, mask, tokens)  # a plan is made and kept
-        assert len(steps) == 2
+        assert len(steps) == 3
         for model in (fused, plain):  # a new parameter object, at a new address
             layer = model.backbone.h[1].mlp.dense_4h_to_h
             layer.weight = torch.nn.Parameter(layer.weight.detach().flip(0).clone())
         got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
-        assert len(steps) == 4
+        assert len(steps) == 6
         assert (got - expected).abs().max() <= 0.1
         # a block wrapped after the plan was made, between two steps of one cache: the module path calls it
         out = fused(input_ids=ids, attention_mask=mask, use_cache=True)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = fused(input_ids=tokens[:, :1], attention_mask=mask, past_key_values=out.past_key_values)
-        assert len(steps) == 5
+        assert len(steps) == 8
         fused.backbone.h[2] = _Logged(fused.backbone.h[2])
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         fused(input_ids=tokens[:, 1:], attention_mask=mask, past_key_values=out.past_key_values)
-        assert len(steps) == 5 and fused.backbone.h[2].calls == 1
+        assert len(steps) == 8 and fused.backbone.h[2].calls == 1
 
 
 class _Logged(torch.nn.Module):
@@ -282,7 +355,7 @@ def test_replaced_parametrized_or_subclassed_layers_are_followed(reference_check
     steps = _count_steps(monkeypatch)
     with torch.no_grad():
         _decode(fused, ids, mask, tokens)  # a plan is kept
-        assert len(steps) == 2
+        assert len(steps) == 3
         replaced = []  # kept alive: the plan must notice the new module, not the old one's end
         for model in (fused, plain):  # a new module inside a kept block: a new plan reads its weights
             old = model.backbone.h[0].mlp.dense_4h_to_h
@@ -292,12 +365,12 @@ def test_replaced_parametrized_or_subclassed_layers_are_followed(reference_check
             new.bias.copy_(old.bias)
             model.backbone.h[0].mlp.dense_4h_to_h = new
         got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
-        assert len(steps) == 4 and (got - expected).abs().max() <= 0.1
+        assert len(steps) == 6 and (got - expected).abs().max() <= 0.1
         for model in (fused, plain):  # a parametrized weight: computed per access, never planned
             parametrize.register_parametrization(model.backbone.h[1].self_attention.dense, "weight", _Scaled())
             model.eval()
         got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
-        assert len(steps) == 4 and torch.isfinite(got).all() and (got - expected).abs().max() <= 0.1
+        assert len(steps) == 6 and torch.isfinite(got).all() and (got - expected).abs().max() <= 0.1
         for model in (fused, plain):  # a subclass with its own forward: called as a module
             parametrize.remove_parametrizations(model.backbone.h[1].self_attention.dense, "weight")
             old = model.backbone.h[1].self_attention.dense
@@ -305,7 +378,7 @@ def test_replaced_parametrized_or_subclassed_layers_are_followed(reference_check
             doubled.load_state_dict(old.state_dict())
             model.backbone.h[1].self_attention.dense = doubled
         got, expected = _decode(fused, ids, mask, tokens), _decode(plain, ids, mask, tokens)
-        assert len(steps) == 4 and (got - expected).abs().max() <= 0.1
+        assert len(steps) == 6 and (got - expected).abs().max() <= 0.1
         with fused_off():
             unfused = _decode(plain, ids, mask, tokens)
         assert (expected - unfused).abs().max() <= 0.1  # the subclass's forward ran on the fast path too
