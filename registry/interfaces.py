@@ -54,8 +54,8 @@ class AttentionCapabilities:
         backward: whether gradients flow through it.
         graph_capture: whether a call can be captured in a CUDA graph (no host syncs, no allocation
             that depends on values).
-        fused_decode: whether a family may compute this backend's attention for a decode step inside its
-            own kernel, with the rest of the step (see ``FamilyCapabilities.fused_decode``): the backend
+        fused_decode: whether a family may compute this backend's attention for a step (a decode step or
+            a prompt) inside its own kernel, with the rest of the step (see ``FamilyCapabilities.fused_decode``): the backend
             declares that what it computes is plain softmax attention (scaled scores plus the additive
             bias and mask, softmax, times the values), so that another kernel computing it is the same
             function up to rounding.
@@ -138,8 +138,8 @@ class FamilyCapabilities:
         head_parts: parts heads may ask for: "lm-projection", "last-token-summary", "pooler".
         causal: whether the family is a decoder (causal self-attention, KV cache).
         position_effects: position effects its blocks apply ("embedding", "bias", "rotary").
-        fused_decode: whether its decode steps can run as one kernel call, attention included, where the
-            attention backend allows it (``AttentionCapabilities.fused_decode``).
+        fused_decode: whether its decode steps (and prompts) can run as one kernel call, attention
+            included, where the attention backend allows it (``AttentionCapabilities.fused_decode``).
     """
 
     head_parts: frozenset[str] = frozenset()
@@ -426,7 +426,7 @@ class KVCache(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot reorder its batch")
 
     def reserve(self, new_tokens: int) -> list[tuple[Tensor, Tensor]] | None:
-        """Room for a kernel to write ``new_tokens`` more tokens itself (a fused decode step): each layer's
+        """Room for a kernel to write ``new_tokens`` more tokens itself (a fused step): each layer's
         (keys, values) buffers, (B, H, capacity, D) with capacity >= get_seq_length() + new_tokens, the
         tokens so far in their first positions, every layer holding as many. The kernel writes positions
         get_seq_length() onwards, then the caller calls :meth:`commit`; until then the cache's tokens are

@@ -1,10 +1,10 @@
-"""Fused-decode attention: SDPA for prompts, and a decode step's attention computed inside one kernel call
-with the rest of the step, where the family runs whole decode steps that way (BLOOM: see
-:class:`registry.fused.DecodePlan`).
+"""Fused-decode attention: a step's attention (a decode step's, or a prompt's) computed inside one kernel
+call with the rest of the step, where the family runs whole steps that way (BLOOM: see
+:class:`registry.fused.DecodePlan`), and SDPA elsewhere.
 
-The backend itself is SDPA (:mod:`plugins.attention.sdpa`): a prompt, and any step the fused kernel does
-not take, run as there. The step's kernel is the AMX kernel in bfloat16 and the AVX-512 kernel in
-float32 (up to 16 rows; more run module by module). It declares ``fused_decode``, which lets a family
+The backend itself is SDPA (:mod:`plugins.attention.sdpa`): any step the fused kernel does not take runs
+as there. The step's kernel is the AMX kernel in bfloat16 (below 256 rows, a row per new token) and the
+AVX-512 kernel in float32 (up to 16 rows); more run module by module. It declares ``fused_decode``, which lets a family
 compute its attention in the decode step's kernel: the same function (softmax of the scaled scores plus
 the bias and mask, times the values), rounded once per step instead of once per operation. Selecting it
 is the switch: ``sdpa`` never fuses, so the two can be A/B tested on the same weights. It accepts only
