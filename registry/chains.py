@@ -279,11 +279,14 @@ def run_decode_step(
 def attention_work_floats(position: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
     """Floats of work space a thread of :func:`run_decode_step` needs for its attention, a multiple of 16:
     the scores of one token (slots up to ``position + tokens - 1``, and 16 more), or for a bfloat16
-    prompt the packed keys and values, scores and biases of one (sequence, head) pair
-    (``prompt_work_floats`` in csrc/prompt_attention.h)."""
-    if tokens > 1 and dtype == torch.bfloat16:
-        keys = (position + tokens + 31) // 32 * 32
-        need = 2 * keys + keys * head_dim
+    prompt what one (sequence, head) pair needs (``prompt_work_floats`` in csrc/prompt_attention.h)."""
+    if tokens > 1 and dtype == torch.bfloat16:  # prompt_work_layout: bias, scores, packed keys and values, ...
+        keys, width, pairs = _round_up(position + tokens, 32), _round_up(head_dim, 32), _round_up(head_dim // 2, 16)
+        need = keys + 16 * keys + keys * pairs + keys // 2 * head_dim + 8 * keys + 8 * width + 4 * 256 + 16
     else:
         need = position + tokens + 16
-    return (need + 15) // 16 * 16
+    return _round_up(need, 16)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple

@@ -55,10 +55,10 @@ class AttentionCapabilities:
         graph_capture: whether a call can be captured in a CUDA graph (no host syncs, no allocation
             that depends on values).
         fused_decode: whether a family may compute this backend's attention for a step (a decode step or
-            a prompt) inside its own kernel, with the rest of the step (see ``FamilyCapabilities.fused_decode``): the backend
-            declares that what it computes is plain softmax attention (scaled scores plus the additive
-            bias and mask, softmax, times the values), so that another kernel computing it is the same
-            function up to rounding.
+            a prompt) inside its own kernel, with the rest of the step (see
+            ``FamilyCapabilities.fused_decode``): the backend declares that what it computes is plain
+            softmax attention (scaled scores plus the additive bias and mask, softmax, times the values),
+            so that another kernel computing it is the same function up to rounding.
         priority: higher wins when a slot is ``auto``.
     """
 

@@ -18,6 +18,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "amx_tiles.h"
 #include "decode_attention.h"
 #include "prompt_attention.h"
 #include "scratch.h"
@@ -38,24 +39,6 @@ int registry_amx_ready(void) {
     const int avx512_bf16 = (a >> 5) & 1;
     if (!(amx && avx512f && avx512_bf16)) return 0;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* tiles 0-3: float32 accumulators (16 n x 16 m); 4, 5: weight rows; 6, 7: packed X */
-static void configure_tiles(void) {
-    tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        config.colsb[t] = 64;
-        config.rows[t] = 16;
-    }
-    _tile_loadconfig(&config);
 }
 
 static inline __m512 load_bf16(const uint16_t* p) {
