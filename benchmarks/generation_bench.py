@@ -50,7 +50,8 @@ loading).
 
 Also reported: involuntary context switches per timed call (other work taking a core mid-call: the sign
 of a busy machine) and, with ``--profile``, torch.profiler's top ops of one batch-1 decode step and one
-prefill (the AMX kernel's calls appear as ``registry.amx.linear MxKxN``).
+prefill (the kernels' calls appear as ``registry.amx.linear MxKxN`` and, for a step of all the blocks,
+``registry.amx.step BxT tokens L blocks``).
 """
 
 from __future__ import annotations
@@ -681,9 +682,11 @@ The fp32 decode target compares against the memory term alone (bytes / bandwidth
 
 NOTES = """## Comparability
 
-- Attention: ours runs its default (`sdpa`, PyTorch's fused kernel); the reference's `BloomForCausalLM` has no
-  SDPA path (`attn_implementation="sdpa"` raises), so it runs `"eager"`, its only implementation: baddbmm with
-  the ALiBi bias, a float32 softmax and bmm, materialising the attention probabilities.
+- Attention: ours runs its default (`auto`, which takes `fused-decode` on this machine: prompts and decode
+  steps each in one kernel call, attention included; see docs/generation.md); the reference's
+  `BloomForCausalLM` has no SDPA path (`attn_implementation="sdpa"` raises), so it runs `"eager"`, its only
+  implementation: baddbmm with the ALiBi bias, a float32 softmax and bmm, materialising the attention
+  probabilities.
 - Prefill: both sides are called as `model(input_ids=ids, use_cache=True, logits_to_keep=1)`; the reference's
   `generate()` passes `logits_to_keep=1` itself (GenerationMixin does when `forward` accepts it), so in
   generation too the lm_head runs for one position per row on both sides.

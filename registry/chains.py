@@ -258,7 +258,8 @@ def run_decode_step(
     sb, sh, sp, _ = keys.stride()
     scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if torch.autograd.profiler._is_profiler_enabled:
-        scope = torch.profiler.record_function(f"registry.{kernel}.decode_step {rows} rows {len(caches)} blocks")
+        label = f"registry.{kernel}.step {rows // tokens}x{tokens} tokens {len(caches)} blocks"
+        scope = torch.profiler.record_function(label)
     with scope:
         failed = function(
             step, len(caches), y.data_ptr(), rows // tokens, tokens, width, hidden, heads, keys.shape[3],

@@ -22,8 +22,8 @@ CONFIGS = {
     # pre-LN with widths the AMX kernel takes (multiples of 32): in bfloat16, each block's steps between
     # its attention's core and the next block's run as kernel chains (registry.fused.attention_output_and_mlp)
     "h4-kernel-widths": dict(hidden_size=64, n_layer=2, n_head=4),
-    # heads of 32 values: decode steps with attention 'fused-decode' run as one kernel call
-    # (registry.fused.decode_step); weights large enough for the attention to weigh in the logits
+    # heads of 32 values: steps with attention 'fused-decode' run as one kernel call
+    # (registry.chains.run_decode_step); weights large enough for the attention to weigh in the logits
     "h2-decode-kernel": dict(hidden_size=64, n_layer=3, n_head=2, initializer_range=0.2),
     # heads of 48 values: the fused attention's dot products take a last half-chunk of 16
     "h2-decode-kernel-d48": dict(hidden_size=96, n_layer=2, n_head=2, initializer_range=0.2),
