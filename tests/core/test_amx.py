@@ -99,6 +99,7 @@ SHAPES = [  # (rows, out_features, in_features): what each exercises
     (40, 64, 128),  # row tiles in blocks of 32 and a last block of 16
     (130, 80, 64),  # two row chunks of the kernel's 128 rows
     (64, 32, 4096),  # k chunks of 256
+    (100, 80, 2080),  # a last k chunk of one step, a lone 16-output block, a last block of 16 rows
     (200, 96, 320),  # k not a multiple of the chunk, rows across chunks
     (150, 53, 64),  # an output tail with rows across chunks
 ]
