@@ -44,12 +44,13 @@ class DynamicCache(KVCache):
 
     @property
     def keys(self) -> list[Tensor | None]:
-        """Each layer's cached keys, (B, H, tokens, D) views (None before the layer's first update)."""
-        return [None if k is None else k[:, :, :n] for k, n in zip(self._keys, self._lengths, strict=True)]
+        """Each layer's cached keys, (B, H, tokens, D) views (None while the layer holds no tokens, even
+        where reserve() has made its buffers)."""
+        return [None if k is None or not n else k[:, :, :n] for k, n in zip(self._keys, self._lengths, strict=True)]
 
     @property
     def values(self) -> list[Tensor | None]:
-        return [None if v is None else v[:, :, :n] for v, n in zip(self._values, self._lengths, strict=True)]
+        return [None if v is None or not n else v[:, :, :n] for v, n in zip(self._values, self._lengths, strict=True)]
 
     def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         if key.shape[2] != value.shape[2]:

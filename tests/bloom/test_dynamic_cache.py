@@ -70,6 +70,7 @@ def test_an_empty_cache_reserves_its_first_buffers_for_the_shape_it_was_created_
     slots = cache.reserve(70)
     assert [tuple(k.shape) for k, _ in slots] == [(2, 3, 100, 4)] * 2  # as update() would: the expected length
     assert cache.get_seq_length() == 0 and cache.reserve(70)[0][0].data_ptr() == slots[0][0].data_ptr()
+    assert cache.keys == [None, None] and cache.values == [None, None]  # reserved, not yet holding tokens
     keys, values = _kv(70, 0)
     for k, v in slots:  # what a kernel does: write, then commit
         k[:, :, :70], v[:, :, :70] = keys, values
