@@ -1,6 +1,7 @@
-/* Attention of one new token per sequence over its cached keys and values, for a decode step run inside
-   a kernel (registry_decode_bf16 in amx_linear.c, registry_decode_f32 in linear_f32.c): the new key and
-   value are written into the cache, then softmax(scale q.k + bias) v over every cached position, as
+/* Attention of a step's new tokens over their cached keys and values, one token at a time, for a step run
+   inside a kernel (registry_decode_bf16 in amx_linear.c for a decode step, registry_decode_f32 in
+   linear_f32.c for any step; a bfloat16 prompt has prompt_attention.h): the new key and value are
+   written into the cache, then softmax(scale q.k + bias) v over every position up to the token's, as
    PyTorch's scaled_dot_product_attention computes it with an additive float mask in the model's dtype:
    scores and softmax in float32, the bias and mask added as one value per key in that dtype (bfloat16:
    the bias rounded to it; a masked key takes the dtype's lowest value, whatever its bias). Included by
