@@ -220,7 +220,8 @@ static void product(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W
     configure_tiles();
     for (int64_t c0 = 0; c0 < M; c0 += ROW_CHUNK) {
         const int64_t rows = M - c0 < ROW_CHUNK ? M - c0 : ROW_CHUNK, Mp = (rows + 15) / 16 * 16, sx = Mp * 4;
-        /* X rows c0 .. c0+rows-1 -> XT[p][m] = (X[m][2p], X[m][2p+1]), zero from m = rows to Mp */
+        /* X rows c0 .. c0+rows-1 -> XT[p][m] = (X[m][2p], X[m][2p+1]), zero from m = rows to Mp (the loop's
+           closing barrier also orders these stores before the tile loads: amx_tiles.h) */
         #pragma omp for schedule(static)
         for (int64_t p0 = 0; p0 < K / 2; p0 += 16)
             for (int64_t m0 = 0; m0 < Mp; m0 += 16) pack_16x16(X + c0 * ldx, ldx, m0, rows, p0, XT, Mp);

@@ -152,6 +152,7 @@ static void prompt_attention_pair(const decode_attention* a, int64_t b, int64_t 
     pack_keys(keys, a->sp, S, w.S32, P, w.P16, kp);
     pack_values(values, a->sp, S, w.S32, D, vp);
     key_biases(a, b, h, S, bias);
+    tiles_read_memory_after_this(); /* the packed keys and values */
     for (int64_t q0 = 0; q0 < tokens; q0 += 16) {
         const int64_t rows = tokens - q0 < 16 ? tokens - q0 : 16;
         const int64_t seen = a->position + q0 + rows, width = (seen + 31) / 32 * 32; /* keys the block sees */
@@ -160,6 +161,7 @@ static void prompt_attention_pair(const decode_attention* a, int64_t b, int64_t 
             memcpy(queries + r * w.D32,
                    (const uint16_t*)a->qkv + (b * tokens + q0 + r) * a->ld_qkv + h * a->head_stride + a->q_offset,
                    (size_t)D * sizeof(uint16_t));
+        tiles_read_memory_after_this(); /* the block's queries */
         for (int64_t g = 0; 16 * g < seen; g++) { /* scores of 16 keys: Q (16 x D) times their packed pairs */
             _tile_zero(0);
             for (int64_t d = 0; d < w.D32; d += 32) {
@@ -176,6 +178,7 @@ static void prompt_attention_pair(const decode_attention* a, int64_t b, int64_t 
             else
                 memset(probs + r * w.S32, 0, (size_t)width * sizeof(uint16_t));
         }
+        tiles_read_memory_after_this(); /* the block's numerators */
         for (int64_t d0 = 0; d0 < D; d0 += 64) { /* up to four accumulator tiles of 16 values of d */
             const int64_t tiles = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
             _tile_zero(0);
