@@ -778,7 +778,7 @@ class PreNormBlock(NamedTuple):
 
 
 class DecodePlan:
-    """A decode step of pre-LayerNorm blocks, attention included, in one kernel call
+    """A step of pre-LayerNorm blocks (a decode step, or a prompt's tokens), attention included, in one kernel call
     (:func:`registry.chains.run_decode_step`), with the blocks' operands checked once (:func:`decode_plan`)
     and kept while they stay what was checked: :meth:`current` says whether they do (the same objects
     in the family's structure, so no replaced submodule; no forward hooks and no training mode on any

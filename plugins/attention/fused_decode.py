@@ -4,11 +4,11 @@ call with the rest of the step, where the family runs whole steps that way (BLOO
 
 The backend itself is SDPA (:mod:`plugins.attention.sdpa`): any step the fused kernel does not take runs
 as there. The step's kernel is the AMX kernel in bfloat16 (below 256 rows, a row per new token) and the
-AVX-512 kernel in float32 (up to 16 rows); more run module by module. It declares ``fused_decode``, which lets a family
-compute its attention in the decode step's kernel: the same function (softmax of the scaled scores plus
-the bias and mask, times the values), rounded once per step instead of once per operation. Selecting it
-is the switch: ``sdpa`` never fuses, so the two can be A/B tested on the same weights. It accepts only
-what the fused step can serve (a CPU with the dtype's kernel, a family that fuses its decode steps);
+AVX-512 kernel in float32 (up to 16 rows); more run module by module. It declares ``fused_decode``, which
+lets a family compute its attention in the step's kernel: the same function (softmax of the scaled
+scores plus the bias and mask, times the values), rounded once per step instead of once per operation.
+Selecting it is the switch: ``sdpa`` never fuses, so the two can be A/B tested on the same weights. It accepts only
+what the fused step can serve (a CPU with the dtype's kernel, a family that fuses its steps);
 elsewhere it is refused with the reason, and ``auto`` picks another backend.
 
 In float32 the step sums in another order than MKL's GEMV and PyTorch's SDPA (relative differences of

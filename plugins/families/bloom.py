@@ -284,7 +284,7 @@ class BloomBlock(nn.Module):
         return not (split or has_forward_hooks(attn) or has_forward_hooks(mlp_))
 
     def fused_parts(self) -> tuple[Any, ...] | None:
-        """The objects a fused decode step of this block is made of (its submodules and its attention
+        """The objects a fused step of this block is made of (its submodules and its attention
         backend), or None where they are not this family's (a replaced attention or MLP): a kept plan
         holds while these stay the same objects (see :class:`registry.fused.DecodePlan`)."""
         modules = self._modules
@@ -486,7 +486,7 @@ class BloomModel(nn.Module):
         return y.view(B, T, C)
 
     def _plan_decode(self, blocks: list[BloomBlock], structure: list[tuple[Any, ...]]) -> DecodePlan | None:
-        """The blocks' fused decode step (:func:`registry.fused.decode_plan`), or None where it cannot be
+        """The blocks' fused step (:func:`registry.fused.decode_plan`), or None where it cannot be
         planned: blocks that compute their projection otherwise (see :meth:`BloomBlock.takes_projection`),
         or an attention backend that does not fuse."""
         if not all(b.takes_projection() and b.self_attention.backend.capabilities.fused_decode for b in blocks):
