@@ -52,6 +52,8 @@ def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
     library.registry_chain_bf16.argtypes = chains.ARGTYPES
     library.registry_decode_bf16.restype = ctypes.c_int
     library.registry_decode_bf16.argtypes = chains.DECODE_ARGTYPES
+    library.registry_prompt_work_floats.restype = ctypes.c_int64
+    library.registry_prompt_work_floats.argtypes = [ctypes.c_int64, ctypes.c_int64]  # keys, head size
     return library
 
 

@@ -280,14 +280,12 @@ def run_decode_step(
 def attention_work_floats(position: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
     """Floats of work space a thread of :func:`run_decode_step` needs for its attention, a multiple of 16:
     the scores of one token (slots up to ``position + tokens - 1``, and 16 more), or for a bfloat16
-    prompt what one (sequence, head) pair needs (``prompt_work_floats`` in csrc/prompt_attention.h)."""
-    if tokens > 1 and dtype == torch.bfloat16:  # prompt_work_layout: bias, scores, packed keys and values, ...
-        keys, width, pairs = _round_up(position + tokens, 32), _round_up(head_dim, 32), _round_up(head_dim // 2, 16)
-        need = keys + 16 * keys + keys * pairs + keys // 2 * head_dim + 8 * keys + 8 * width + 4 * 256 + 16
+    prompt what one (sequence, head) pair needs, as the AMX kernel's ``registry_prompt_work_floats``
+    (csrc/prompt_attention.h's layout) says: one definition of that layout, in C."""
+    if tokens > 1 and dtype == torch.bfloat16:
+        from registry import amx
+
+        need = amx._library.registry_prompt_work_floats(position + tokens, head_dim)  # type: ignore[union-attr]
     else:
         need = position + tokens + 16
-    return _round_up(need, 16)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
+    return (need + 15) // 16 * 16

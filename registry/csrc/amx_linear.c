@@ -393,6 +393,10 @@ int registry_chain_bf16(const uint16_t* X, int64_t M, int64_t ldx, const uint16_
 
 DEFINE_ATTENTION(attend_bf16, uint16_t, 1, dot_bf16, widen_bf16, store_bf16_16)
 
+/* floats of work space per thread registry_decode_bf16 needs for a prompt's attention over S keys of head
+   size D (the caller sizes `scores` with it) */
+int64_t registry_prompt_work_floats(int64_t S, int64_t D) { return prompt_work_floats(S, D); }
+
 /* A decode step of a pre-LayerNorm decoder's L blocks in one parallel region, or a prompt's: each of M
    sequences brings `tokens` new tokens (rows b * tokens + t of X). For each block,
      Q, K, V = LayerNorm(X) Wqkv^T + bqkv          (the block's input LayerNorm and projection)

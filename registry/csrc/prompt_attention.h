@@ -45,8 +45,8 @@ static inline prompt_work prompt_work_layout(int64_t S, int64_t D) {
     return w;
 }
 
-/* floats of work space a thread needs for a pair with S keys of head size D; registry/chains.py sizes its
-   buffer with the same formula */
+/* floats of work space a thread needs for a pair with S keys of head size D (registry/chains.py sizes its
+   buffer by asking registry_prompt_work_floats, in amx_linear.c) */
 static inline int64_t prompt_work_floats(int64_t S, int64_t D) { return prompt_work_layout(S, D).total; }
 
 /* kp[(g * P16 + p) * 16 + i] = pair p (values 2p, 2p + 1) of key 16 g + i, for the S32 / 16 groups of 16
